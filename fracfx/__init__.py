@@ -1,0 +1,41 @@
+"""fracfx: FracTrain (NeurIPS 2020) as torch.fx graph passes.
+
+Importing fracfx has no side effects; the ONNX machinery is imported only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # transform and inspect
+    "transform": "fracfx.api",
+    "set_bits": "fracfx.api",
+    "cost_report": "fracfx.api",
+    "fp32_report": "fracfx.api",
+    "seed_rounding": "fracfx.api",
+    # configs
+    "QuantConfig": "fracfx.config",
+    "config_from_dict": "fracfx.config",
+    # errors
+    "FracfxError": "fracfx.errors",
+    "ConfigError": "fracfx.errors",
+    "UnsupportedGraphError": "fracfx.errors",
+    "PassError": "fracfx.errors",
+    "CheckpointError": "fracfx.errors",
+    "ExportError": "fracfx.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["passes", "runtime"]
+
+
+def __getattr__(name: str):
+    if name in ("passes", "runtime"):
+        return importlib.import_module(f"fracfx.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fracfx' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from fracfx.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""The public pipelines: straight lines of named passes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fracfx.bits import check_bits
+from fracfx.config import QuantConfig
+from fracfx.errors import ConfigError
+from fracfx.meta import TRACE_LEAVES, compute_nodes, get_quant_spec
+from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.passes.analyze_cost import CostReport, analyze_cost
+from fracfx.passes.annotate_cost import annotate_cost
+from fracfx.passes.annotate_quant import annotate_quant
+from fracfx.passes.capture import capture_graph
+from fracfx.passes.infra import run_pipeline
+from fracfx.passes.insert_quant import insert_quant
+
+
+def transform(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Trace `model` and return a GraphModule with quantizer nodes; `model` is left untouched.
+
+    example_inputs (a tensor or a tuple, batch first) lets fracfx trace shapes and count each
+    op's MACs, which cost_report() and the DFQ cost term need.
+    """
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a fracfx QuantConfig, got {type(config).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    steps = [
+        ("capture", lambda m: capture_graph(m, leaf_modules=config.leaf_modules, concrete_args=concrete_args, fallback=config.trace_fallback)),
+        ("annotate_quant", lambda gm: annotate_quant(gm, keep_fp32=config.keep_fp32, quantize=config.quantize)),
+    ]
+    if example_inputs is not None:
+        steps.append(("annotate_cost", lambda gm: annotate_cost(gm, example_inputs=example_inputs)))
+    steps.append((
+        "insert_quant",
+        lambda gm: insert_quant(
+            gm, act_bits=config.act_bits, weight_bits=config.weight_bits, grad_bits=config.grad_bits,
+            act_momentum=config.act_momentum, stochastic_grad=config.stochastic_grad,
+        ),
+    ))
+    return run_pipeline(model, steps)
+
+
+def set_bits(gm: nn.Module, act_bits: int | None = None, weight_bits: int | None = None, grad_bits: int | None = None) -> None:
+    """Set every quantizer of one kind at once. None leaves that kind as it is; 0 means FP32."""
+    for kind, bits in ((ActQuant, act_bits), (WeightQuant, weight_bits), (GradQuant, grad_bits)):
+        if bits is None:
+            continue
+        bits = check_bits(bits, f"{kind.__name__} bits")
+        for module in gm.modules():
+            if type(module) is kind:
+                module.set_bits(bits)
+
+
+def cost_report(gm: fx.GraphModule) -> CostReport:
+    """Per-op and total MACs, bit-ops and effective MACs at the bits now in force."""
+    return analyze_cost(gm)
+
+
+def seed_rounding(gm: nn.Module, seed: int) -> None:
+    """Seed every stochastic-rounding generator (each gets a distinct stream derived from seed)."""
+    for index, module in enumerate(m for m in gm.modules() if isinstance(m, GradQuant)):
+        module.seed(seed * 1_000_003 + index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp32Op:
+    """A compute op (or opaque leaf module) that stays in FP32, and why."""
+
+    node: str
+    module_path: str
+    op: str
+    reason: str
+
+
+def fp32_report(gm: fx.GraphModule) -> list[Fp32Op]:
+    """Everything that computes in FP32 after transform: kept layers, unsupported ops, trace leaves."""
+    found = []
+    for node in compute_nodes(gm.graph):
+        spec = get_quant_spec(node)
+        if not spec.quantize:
+            found.append(Fp32Op(node.name, spec.module_path, spec.module_type, spec.reason))
+    for path in gm.meta.get(TRACE_LEAVES, ()):
+        found.append(Fp32Op(path, path, "leaf", "could not be traced; kept as an FP32 leaf (trace_fallback)"))
+    return found

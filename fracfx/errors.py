@@ -1,0 +1,27 @@
+"""The exceptions fracfx raises. Each message names the problem and the way out."""
+
+from __future__ import annotations
+
+
+class FracfxError(Exception):
+    """Base class of every error fracfx raises on purpose."""
+
+
+class ConfigError(FracfxError, ValueError):
+    """A configuration value is out of range, unknown, or inconsistent."""
+
+
+class UnsupportedGraphError(FracfxError):
+    """The model cannot be traced or contains something a pass cannot handle."""
+
+
+class PassError(FracfxError):
+    """A graph pass failed; the message names the pass and the one before it."""
+
+
+class CheckpointError(FracfxError):
+    """A checkpoint is missing, truncated, corrupt or not a fracfx checkpoint."""
+
+
+class ExportError(FracfxError):
+    """The model cannot be exported in the requested format."""

@@ -1,0 +1,77 @@
+"""The only place fracfx's node.meta keys are spelled, with typed accessors.
+
+Each analysis stores one frozen dataclass under one key, so passes can copy meta shallowly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+QUANT_SPEC = "fracfx_quant"
+OP_COST = "fracfx_cost"
+QUANT_BINDING = "fracfx_binding"
+INSERTED = "fracfx_inserted"
+TRACE_LEAVES = "fracfx_trace_leaves"  # GraphModule.meta: modules kept as leaves after a trace failure
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Policy for one compute op: what it is and whether to quantize it (and if not, why)."""
+
+    kind: str  # "conv" | "linear" | "matmul"
+    module_path: str  # owning module's qualified name ("" for the root)
+    module_type: str  # e.g. "Conv2d", or the function name for functional ops
+    quantize: bool
+    reason: str = ""  # why it stays FP32 when quantize is False
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+    """Multiply-accumulates of one op for one sample, from traced shapes."""
+
+    macs_per_sample: int
+    output_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantBinding:
+    """Names (GraphModule submodule paths) of the quantizers attached to a compute op."""
+
+    act: tuple[str, ...]
+    weight: str | None
+    grad: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Inserted:
+    """Marks a node a fracfx pass inserted: its role and the compute op it serves."""
+
+    role: str  # "act_quant" | "weight_quant" | "grad_quant"
+    serves: str  # name of the compute node
+
+
+def _getter(key: str):
+    def get(node: fx.Node):
+        return node.meta.get(key)
+
+    return get
+
+
+def _setter(key: str):
+    def put(node: fx.Node, value) -> None:
+        node.meta[key] = value
+
+    return put
+
+
+get_quant_spec, set_quant_spec = _getter(QUANT_SPEC), _setter(QUANT_SPEC)
+get_op_cost, set_op_cost = _getter(OP_COST), _setter(OP_COST)
+get_binding, set_binding = _getter(QUANT_BINDING), _setter(QUANT_BINDING)
+get_inserted, set_inserted = _getter(INSERTED), _setter(INSERTED)
+
+
+def compute_nodes(graph: fx.Graph):
+    """Nodes the policy looked at (quantized or kept FP32), in execution order."""
+    return [n for n in graph.nodes if get_quant_spec(n) is not None]

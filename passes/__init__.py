@@ -1,0 +1,9 @@
+"""Pure graph passes: GraphModule in, new GraphModule out; the input is never mutated."""
+
+from fracfx.passes.annotate_cost import annotate_cost
+from fracfx.passes.annotate_quant import annotate_quant
+from fracfx.passes.capture import capture_graph
+from fracfx.passes.insert_quant import insert_quant
+from fracfx.passes.infra import run_pipeline
+
+__all__ = ["capture_graph", "annotate_quant", "annotate_cost", "insert_quant", "run_pipeline"]

@@ -1,0 +1,105 @@
+"""annotate_quant (policy): decide, for every compute op, whether it is quantized.
+
+Supported ops: nn.Conv1d/2d/3d, nn.Linear, F.conv1d/2d/3d, F.linear, torch.matmul/bmm/mm and `@`.
+Each gets a QuantSpec; ops the config keeps FP32 get quantize=False with the reason. Compute ops
+fracfx cannot quantize (other parameterised modules and weight-consuming functions, such as the
+fused call inside nn.MultiheadAttention, or modules kept as trace leaves) are annotated too, with
+kind "unsupported", so they are reported rather than silently left in FP32.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fracfx.config import FIRST_LAYER, LAST_LAYER
+from fracfx.meta import QuantSpec, set_quant_spec
+from fracfx.passes.infra import copy_graph, module_path_of, rebuild
+
+UNSUPPORTED = "unsupported"
+_MODULE_KINDS = {nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear"}
+_FUNCTION_KINDS = {
+    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.linear: "linear",
+    torch.matmul: "matmul", torch.bmm: "matmul", torch.mm: "matmul", operator.matmul: "matmul",
+}
+_METHOD_KINDS = {"matmul": "matmul", "bmm": "matmul", "mm": "matmul"}
+_LOOKUP_MODULES = (nn.Embedding, nn.EmbeddingBag)
+_HEAVY_FUNCTION_NAMES = {
+    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "einsum", "addmm", "baddbmm",
+    "addbmm", "bilinear", "scaled_dot_product_attention", "multi_head_attention_forward",
+}
+
+
+def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """'conv' | 'linear' | 'matmul' for supported ops, UNSUPPORTED for other compute, else None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        for cls, kind in _MODULE_KINDS.items():
+            # subclasses that override forward are opaque: we would not know what they compute
+            if isinstance(module, cls) and type(module).forward is cls.forward:
+                return kind
+        if isinstance(module, _LOOKUP_MODULES):
+            return None
+        return UNSUPPORTED if any(p.dim() >= 2 for p in module.parameters()) else None
+    if node.op == "call_function":
+        if node.target in _FUNCTION_KINDS:
+            return _FUNCTION_KINDS[node.target]
+        if getattr(node.target, "__name__", "") in _HEAVY_FUNCTION_NAMES or _takes_weight(gm, node):
+            return UNSUPPORTED
+    if node.op == "call_method" and node.target in _METHOD_KINDS:
+        return _METHOD_KINDS[node.target]
+    return None
+
+
+def _takes_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            value = _attr(gm, arg.target)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                return True
+    return False
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _type_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def annotate_quant(gm: fx.GraphModule, /, *, keep_fp32=(), quantize=("conv", "linear", "matmul")) -> fx.GraphModule:
+    """Return a copy of gm whose compute nodes carry a QuantSpec (see module docstring)."""
+    graph, _ = copy_graph(gm)
+    found = [(node, op_kind(gm, node)) for node in graph.nodes]
+    found = [(node, kind) for node, kind in found if kind is not None]
+    supported = [node for node, kind in found if kind != UNSUPPORTED and kind in quantize]
+    pinned = {}
+    if supported and FIRST_LAYER in keep_fp32:
+        pinned[supported[0]] = f"{FIRST_LAYER} kept FP32"
+    if supported and LAST_LAYER in keep_fp32:
+        pinned[supported[-1]] = f"{LAST_LAYER} kept FP32"
+    globs = [g for g in keep_fp32 if g not in (FIRST_LAYER, LAST_LAYER)]
+    for node, kind in found:
+        path = module_path_of(node)
+        reason = ""
+        if kind == UNSUPPORTED:
+            reason = "not a supported op (conv/linear/matmul): runs in FP32"
+        elif kind not in quantize:
+            reason = f"op kind {kind!r} not in quantize={tuple(quantize)}"
+        elif node in pinned:
+            reason = pinned[node]
+        else:
+            match = next((g for g in globs if fnmatch.fnmatchcase(path, g)), None)
+            if match is not None:
+                reason = f"keep_fp32 glob {match!r}"
+        set_quant_spec(node, QuantSpec(kind=kind, module_path=path, module_type=_type_name(gm, node), quantize=not reason, reason=reason))
+    return rebuild(gm, graph)

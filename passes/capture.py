@@ -1,0 +1,103 @@
+"""capture_graph: nn.Module -> GraphModule by torch.fx symbolic tracing.
+
+The model is deep-copied first, so nothing a later pass or training does touches the caller's
+model. A trace failure names the innermost module being traced, the source line, and the fixes;
+with fallback=True that module is kept as an opaque leaf instead, and the leaves are recorded in
+gm.meta[TRACE_LEAVES] so the transform can report what stayed unquantized.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fracfx.errors import UnsupportedGraphError
+from fracfx.meta import TRACE_LEAVES
+from fracfx.passes.infra import GRAPH_MODULE_NAME, copy_graph, rebuild
+
+_MAX_FALLBACKS = 64
+_TRACING_CODE = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+class _CaptureTracer(fx.Tracer):
+    def __init__(self, leaf_names: Sequence[str]):
+        super().__init__()
+        self.leaf_names = set(leaf_names)
+        self.failed_module: tuple[str, nn.Module] | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # innermost module first, as the exception unwinds
+                self.failed_module = (self.path_of_module(m), m)
+            raise
+
+
+def capture_graph(
+    model: nn.Module,
+    /,
+    *,
+    leaf_modules: Sequence[str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    fallback: bool = False,
+) -> fx.GraphModule:
+    """Trace `model` (or copy an already traced GraphModule) into a fresh GraphModule."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedGraphError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, fx.GraphModule):
+        graph, _ = copy_graph(model)
+        return rebuild(copy.deepcopy(model), graph)
+    model = copy.deepcopy(model)
+    leaves = list(leaf_modules)
+    skipped: list[str] = []
+    for _ in range(_MAX_FALLBACKS):
+        tracer = _CaptureTracer(leaves)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception as error:
+            path = tracer.failed_module[0] if tracer.failed_module else ""
+            if not fallback or not path:
+                raise UnsupportedGraphError(_explain(error, tracer.failed_module)) from error
+            leaves.append(path)
+            skipped.append(path)
+            continue
+        gm = fx.GraphModule(tracer.root, graph, class_name=GRAPH_MODULE_NAME)
+        gm.meta[TRACE_LEAVES] = tuple(skipped)
+        return gm
+    raise UnsupportedGraphError(f"gave up after keeping {_MAX_FALLBACKS} modules as leaves: {skipped}")
+
+
+def _explain(error: Exception, failed: tuple[str, nn.Module] | None) -> str:
+    where = _user_frame(error)
+    if failed is None or not failed[0]:
+        who = "the model's own forward()"
+        fix = "pass concrete_args for arguments that drive Python control flow, or trace it yourself and pass the GraphModule"
+    else:
+        path, module = failed
+        who = f"module '{path}' ({type(module).__name__})"
+        fix = (
+            f"mark it a leaf (QuantConfig(leaf_modules=({path!r},)) or --leaf {path}), pass concrete_args, "
+            "or set trace_fallback=True to keep failing modules in FP32 automatically"
+        )
+    return f"torch.fx could not trace {who} at {where}: {type(error).__name__}: {error}\n  fix: {fix}"
+
+
+def _user_frame(error: Exception) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        if not os.path.abspath(frame.filename).startswith(_TRACING_CODE):
+            return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
+    last = frames[-1] if frames else None
+    return f"{last.filename}:{last.lineno}" if last else "an unknown line"

@@ -1,0 +1,106 @@
+"""insert_quant (mechanism): put explicit quantizer nodes around every op the policy selected.
+
+    conv/linear:  x -> ActQuant -> F.conv/F.linear(x_q, WeightQuant(weight), bias) -> GradQuant -> y
+    matmul:       both operands -> ActQuant -> matmul -> GradQuant -> y
+
+nn.Conv/nn.Linear call_module nodes become the functional op on get_attr'd parameters, so the
+weight quantizer is a visible node and parameter names (state_dict keys) are unchanged. New
+quantizer modules live under `fracfx_quant.<op>`; each compute node records a QuantBinding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fracfx.meta import Inserted, QuantBinding, get_quant_spec, set_binding, set_inserted
+from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.passes.infra import copy_graph, rebuild
+
+QUANT_ROOT = "fracfx_quant"
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _slot(node: fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _functional_module_call(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, x: fx.Node, weight: fx.Node):
+    """Rebuild a Conv/Linear call_module as its functional form on the quantized x and weight."""
+    module = gm.get_submodule(node.target)
+    bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+    if isinstance(module, nn.Linear):
+        return graph.call_function(F.linear, (x, weight, bias))
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
+        padding = 0
+    conv = _CONV_FUNCTIONS[len(module.kernel_size)]
+    return graph.call_function(conv, (x, weight, bias, module.stride, padding, module.dilation, module.groups))
+
+
+def insert_quant(
+    gm: fx.GraphModule,
+    /,
+    *,
+    act_bits: int = 8,
+    weight_bits: int = 8,
+    grad_bits: int = 8,
+    act_momentum: float = 0.9,
+    stochastic_grad: bool = True,
+) -> fx.GraphModule:
+    """Return a copy of gm with quantizer nodes around every node whose QuantSpec says quantize."""
+    graph, _ = copy_graph(gm)
+    new_modules: dict[str, nn.Module] = {}
+
+    def add(name: str, module: nn.Module, args, serves: fx.Node, role: str) -> fx.Node:
+        target = f"{QUANT_ROOT}.{name}"
+        new_modules[target] = module
+        inserted = graph.call_module(target, args)
+        set_inserted(inserted, Inserted(role=role, serves=serves.name))
+        return inserted
+
+    seed = 0
+    for node in list(graph.nodes):
+        spec = get_quant_spec(node)
+        if spec is None or not spec.quantize:
+            continue
+        name = node.name
+        with graph.inserting_before(node):
+            if spec.kind == "matmul":
+                acts = []
+                for i, operand in enumerate(node.args[:2]):
+                    acts.append(add(f"{name}.act{i}", ActQuant(act_bits, act_momentum), (operand,), node, "act_quant"))
+                compute = graph.call_function(torch.matmul, tuple(acts))
+                weight_name = None
+            else:
+                x = _slot(node, 0, "input")
+                act = add(f"{name}.act", ActQuant(act_bits, act_momentum), (x,), node, "act_quant")
+                acts = [act]
+                if node.op == "call_module":
+                    raw_weight = graph.get_attr(f"{node.target}.weight")
+                else:
+                    raw_weight = _slot(node, 1, "weight")
+                weight = add(f"{name}.weight", WeightQuant(weight_bits), (raw_weight,), node, "weight_quant")
+                weight_name = weight.target
+                if node.op == "call_module":
+                    compute = _functional_module_call(gm, graph, node, act, weight)
+                else:
+                    args = list(node.args)
+                    kwargs = dict(node.kwargs)
+                    for index, key, value in ((0, "input", act), (1, "weight", weight)):
+                        if len(args) > index:
+                            args[index] = value
+                        else:
+                            kwargs[key] = value
+                    compute = graph.call_function(node.target, tuple(args), kwargs)
+            compute.meta.update(node.meta)
+            grad = add(f"{name}.grad", GradQuant(grad_bits, stochastic_grad, seed=seed), (compute,), node, "grad_quant")
+            seed += 1
+        set_binding(compute, QuantBinding(act=tuple(a.target for a in acts), weight=weight_name, grad=grad.target))
+        node.replace_all_uses_with(grad)
+        graph.erase_node(node)
+    out = rebuild(gm, graph, new_modules)
+    return out

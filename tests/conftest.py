@@ -1,0 +1,15 @@
+"""Shared test setup: deterministic seeds and a small thread count (2-core CI machine)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
