@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fracfx.errors import ConfigError
+
 STAGE_WIDTHS = (16, 32, 64)
 
 
@@ -49,7 +51,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 38, 56, 74, 110), got {depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 38, 56, 74, 110), got {depth}")
         blocks_per_stage = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, STAGE_WIDTHS[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])

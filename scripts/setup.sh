@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh Debian machine with Python 3.11 + pip, as root (or with sudo):
+# the offline datasets from Debian, then fracfx with its test extra (torch 2.14.1 comes from the
+# local wheel cache that pip uses on these machines). Safe to run again: it skips what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+command -v bible >/dev/null 2>&1 || need_apt+=(bible-kjv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! python -c "import fracfx, torch, torchvision, onnxruntime, pytest" >/dev/null 2>&1 \
+   || [ "$(python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "2.14.1" ]; then
+    echo "setup: installing fracfx (editable) with torch==2.14.1, torchvision==0.29.1 and the test extra"
+    python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+    python -m pip install -q -e ".[test]"
+fi
+echo "setup: ok"
