@@ -277,8 +277,6 @@ def _read_cifar_batches(folder: Path, names: Sequence[str], label_key: bytes) ->
                 entry = _NumpyOnlyUnpickler(handle, encoding="bytes").load()
             data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             target = np.asarray(entry[label_key], dtype=np.int64)
-        except FileNotFoundError:
-            raise
         except Exception as error:
             raise FracfxError(f"{path} is not a readable CIFAR batch file ({type(error).__name__}: {error})") from error
         if len(data) != len(target):

@@ -60,7 +60,7 @@ def resolve_model(spec: str, *, num_classes: int, in_channels: int, input_size: 
     from fracfx.models import build_model, default_input_size
 
     torch.manual_seed(0)  # weights do not change MACs, but a fixed seed keeps reruns identical
-    model = build_model(spec, num_classes=num_classes, in_channels=in_channels)
+    model = build_model(spec, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
     return ResolvedModel(model, input_size or default_input_size(spec))
 
 

@@ -27,6 +27,8 @@ DEFAULT_IN_CHANNELS = 3
 TORCHVISION_INPUT_SIZE = (224, 224)
 FACTORY_INPUT_SIZE = (224, 224)  # a guess for `pkg.mod:factory` models; the CLI's --input-size overrides it
 _TORCHVISION_SPECIAL_SIZES = {"inception_v3": (299, 299)}
+# torchvision models whose constructor fixes the input size: name prefix -> the keyword for it
+_TORCHVISION_SIZE_KWARGS = {"vit_": "image_size", "maxvit_": "input_size"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,20 @@ def default_input_size(name: str) -> tuple[int, int]:
     raise _unknown(name)
 
 
-def build_model(name: str, *, num_classes: int = DEFAULT_NUM_CLASSES, in_channels: int = DEFAULT_IN_CHANNELS, **model_kwargs: Any) -> nn.Module:
-    """A freshly initialised model (no pretrained weights) in training mode."""
+def build_model(
+    name: str,
+    *,
+    num_classes: int = DEFAULT_NUM_CLASSES,
+    in_channels: int = DEFAULT_IN_CHANNELS,
+    input_size: tuple[int, int] | None = None,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """A freshly initialised model (no pretrained weights) in training mode.
+
+    input_size (height, width) matters only for models built for one size (torchvision ViT takes
+    a square image_size, MaxViT an input_size); convolutional models accept any size and ignore it.
+    model_kwargs go to the constructor unchanged.
+    """
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{what} must be a positive int, got {value!r}")
@@ -79,8 +93,21 @@ def build_model(name: str, *, num_classes: int = DEFAULT_NUM_CLASSES, in_channel
     if _is_factory_path(name):
         return _build_from_factory(name, num_classes, in_channels, model_kwargs)
     if name in torchvision_models():
-        return _build_torchvision(name, num_classes, in_channels, model_kwargs)
+        return _build_torchvision(name, num_classes, in_channels, {**_size_kwargs(name, input_size), **model_kwargs})
     raise _unknown(name)
+
+
+def _size_kwargs(name: str, input_size: tuple[int, int] | None) -> dict[str, Any]:
+    if input_size is None:
+        return {}
+    for prefix, keyword in _TORCHVISION_SIZE_KWARGS.items():
+        if name.startswith(prefix):
+            if keyword == "image_size":
+                if input_size[0] != input_size[1]:
+                    raise ConfigError(f"{name} takes square images only; give an input size HxH, not {input_size[0]}x{input_size[1]}")
+                return {keyword: input_size[0]}
+            return {keyword: tuple(input_size)}
+    return {}
 
 
 def _call(factory: Callable[..., Any], name: str, **kwargs: Any) -> nn.Module:
