@@ -16,8 +16,17 @@ _EXPORTS = {
     "cost_report": "fracfx.api",
     "fp32_report": "fracfx.api",
     "seed_rounding": "fracfx.api",
+    # freeze and export (ONNX imported only when used)
+    "freeze": "fracfx.export",
+    "export_onnx": "fracfx.export",
+    # training, data and checkpoints (fracfx.train, fracfx.data, fracfx.runtime.checkpoint)
+    "TrainConfig": "fracfx.train",
+    "build_loaders": "fracfx.data",
+    "save_checkpoint": "fracfx.runtime.checkpoint",
+    "load_checkpoint": "fracfx.runtime.checkpoint",
     # configs
     "QuantConfig": "fracfx.config",
+    "DFQConfig": "fracfx.config",
     "config_from_dict": "fracfx.config",
     # errors
     "FracfxError": "fracfx.errors",

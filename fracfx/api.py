@@ -10,21 +10,24 @@ import torch.fx as fx
 from torch import nn
 
 from fracfx.bits import check_bits
-from fracfx.config import QuantConfig
+from fracfx.config import DFQConfig, QuantConfig
 from fracfx.errors import ConfigError
 from fracfx.meta import TRACE_LEAVES, compute_nodes, get_quant_spec
 from fracfx.modules import ActQuant, GradQuant, WeightQuant
 from fracfx.passes.analyze_cost import CostReport, analyze_cost
+from fracfx.passes.annotate_blocks import annotate_blocks
 from fracfx.passes.annotate_cost import annotate_cost
 from fracfx.passes.annotate_quant import annotate_quant
 from fracfx.passes.capture import capture_graph
 from fracfx.passes.infra import run_pipeline
+from fracfx.passes.insert_gates import insert_gates
 from fracfx.passes.insert_quant import insert_quant
+from fracfx.passes.replace_attention import replace_attention
 
 
 def transform(
     model: nn.Module,
-    config: QuantConfig | None = None,
+    config: QuantConfig | DFQConfig | None = None,
     *,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     concrete_args: dict[str, Any] | None = None,
@@ -33,25 +36,46 @@ def transform(
 
     example_inputs (a tensor or a tuple, batch first) lets fracfx trace shapes and count each
     op's MACs, which cost_report() and the DFQ cost term need.
+
+    With a DFQConfig (example_inputs required), gated blocks are marked on the captured graph
+    (annotate_blocks reads the model's own module structure, so it runs before insert_quant)
+    and insert_gates adds the gate subgraphs after insert_quant; quantized ops outside every
+    gated block get the static ungated_act_bits / ungated_grad_bits.
     """
     config = QuantConfig() if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a fracfx QuantConfig, got {type(config).__name__}")
+    if not isinstance(config, (QuantConfig, DFQConfig)):
+        raise ConfigError(f"config must be a fracfx QuantConfig or DFQConfig, got {type(config).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    dfq = isinstance(config, DFQConfig)
+    if dfq and example_inputs is None:
+        raise ConfigError(
+            "DFQConfig needs example_inputs (e.g. example_inputs=torch.randn(2, 3, 32, 32)): the gates are sized "
+            "from the block inputs' shapes and the cost term counts each op's MACs"
+        )
+    act_bits, grad_bits = (config.ungated_act_bits, config.ungated_grad_bits) if dfq else (config.act_bits, config.grad_bits)
     steps = [
         ("capture", lambda m: capture_graph(m, leaf_modules=config.leaf_modules, concrete_args=concrete_args, fallback=config.trace_fallback)),
-        ("annotate_quant", lambda gm: annotate_quant(gm, keep_fp32=config.keep_fp32, quantize=config.quantize)),
     ]
+    if config.replace_attention:
+        steps.append(("replace_attention", lambda gm: replace_attention(gm, keep=config.leaf_modules)))
+    steps.append(("annotate_quant", lambda gm: annotate_quant(gm, keep_fp32=config.keep_fp32, quantize=config.quantize)))
+    if dfq:
+        steps.append((
+            "annotate_blocks",
+            lambda gm: annotate_blocks(gm, example_inputs=example_inputs, block_types=config.block_types, block_globs=config.block_globs),
+        ))
     if example_inputs is not None:
         steps.append(("annotate_cost", lambda gm: annotate_cost(gm, example_inputs=example_inputs)))
     steps.append((
         "insert_quant",
         lambda gm: insert_quant(
-            gm, act_bits=config.act_bits, weight_bits=config.weight_bits, grad_bits=config.grad_bits,
+            gm, act_bits=act_bits, weight_bits=config.weight_bits, grad_bits=grad_bits,
             act_momentum=config.act_momentum, stochastic_grad=config.stochastic_grad,
         ),
     ))
+    if dfq:
+        steps.append(("insert_gates", lambda gm: insert_gates(gm, candidates=config.candidates, embed_dims=config.embed_dims, hidden=config.hidden)))
     return run_pipeline(model, steps)
 
 

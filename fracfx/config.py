@@ -99,6 +99,7 @@ class QuantConfig(_Config):
     stochastic_grad: bool = True
     leaf_modules: tuple[str, ...] = ()
     trace_fallback: bool = False
+    replace_attention: bool = True  # open nn.MultiheadAttention into quantizable linears/matmuls
 
     def __post_init__(self):
         for name in ("act_bits", "weight_bits", "grad_bits"):
@@ -114,9 +115,104 @@ class QuantConfig(_Config):
             raise ConfigError(f"act_momentum must be in [0, 1), got {self.act_momentum!r}")
         if not isinstance(self.stochastic_grad, bool):
             raise ConfigError(f"stochastic_grad must be True or False, got {self.stochastic_grad!r}")
+        if not isinstance(self.replace_attention, bool):
+            raise ConfigError(f"replace_attention must be True or False, got {self.replace_attention!r}")
 
 
-ALL_CONFIGS: tuple[type[_Config], ...] = (QuantConfig,)
+SKIP = "skip"  # DFQ candidate: the block's output is its shortcut (cost 0)
+FP32_CANDIDATE = "fp32"  # DFQ candidate: the block's ops run unquantized, weights included (cost 1)
+CIFAR_CANDIDATES = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
+IMAGENET_CANDIDATES = ((3, 6), (4, 8), (6, 12), (8, 16))
+
+
+def _check_candidate(value, index: int):
+    """Canonical form of one DFQ candidate: "skip", "fp32" or an (act_bits, grad_bits) pair."""
+    what = f"candidates[{index}]"
+    if isinstance(value, str):
+        if value in (SKIP, FP32_CANDIDATE):
+            return value
+        raise ConfigError(f"{what}={value!r} is not a candidate{_did_you_mean(value, (SKIP, FP32_CANDIDATE))}; "
+                          f"use an (act_bits, grad_bits) pair, {SKIP!r} or {FP32_CANDIDATE!r}")
+    try:
+        a, g = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}={value!r} must be an (act_bits, grad_bits) pair such as (4, 8), or {SKIP!r} / {FP32_CANDIDATE!r}") from None
+    pair = (check_bits(a, f"{what} act_bits"), check_bits(g, f"{what} grad_bits"))
+    return FP32_CANDIDATE if pair == (0, 0) else pair
+
+
+def _check_positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DFQConfig(_Config):
+    """Dynamic fractional quantization: a recurrent gate picks per sample and per block one
+    candidate precision (FRACTRAIN.md section 3).
+
+    candidates: each is an (act_bits, grad_bits) pair (weights use `weight_bits`; 0 in a pair
+    means that tensor stays FP32), or "skip" (the block's output is its shortcut, cost 0), or
+    "fp32" (activations, weights and gradients unquantized for that sample, cost 1; (0, 0) is
+    read as "fp32"). Gated blocks are found automatically (residual blocks: a module whose
+    traced body ends in an add of its residual branch and its input or a projection of it);
+    block_types (class names) or block_globs (module-name globs) replace that detection.
+    Quantized ops outside every gated block run at the static ungated_act_bits/ungated_grad_bits.
+    embed_dims: widths of the 1x1 convs embedding each block input (ReLU between them);
+    hidden: the shared LSTM's hidden size.
+    """
+
+    KIND: ClassVar[str] = "dfq"
+
+    weight_bits: int | None = 4
+    candidates: tuple = CIFAR_CANDIDATES
+    keep_fp32: tuple[str, ...] = (FIRST_LAYER, LAST_LAYER)
+    embed_dims: tuple[int, ...] = (32, 16)
+    hidden: int = 16
+    block_types: tuple[str, ...] = ()
+    block_globs: tuple[str, ...] = ()
+    ungated_act_bits: int | None = 8
+    ungated_grad_bits: int | None = 8
+    quantize: tuple[str, ...] = QUANTIZABLE_KINDS
+    act_momentum: float = 0.9
+    stochastic_grad: bool = True
+    leaf_modules: tuple[str, ...] = ()
+    trace_fallback: bool = False
+    replace_attention: bool = True  # as in QuantConfig
+
+    def __post_init__(self):
+        for name in ("weight_bits", "ungated_act_bits", "ungated_grad_bits"):
+            object.__setattr__(self, name, check_bits(getattr(self, name), name))
+        if isinstance(self.candidates, (str, bytes)) or not hasattr(self.candidates, "__iter__"):
+            raise ConfigError(f"candidates must be a sequence of candidates, got {self.candidates!r}; e.g. ((4, 8), (6, 12), 'skip')")
+        candidates = tuple(_check_candidate(c, i) for i, c in enumerate(self.candidates))
+        if not candidates:
+            raise ConfigError("candidates is empty; give at least one, e.g. ((3, 6), (4, 8), (6, 12))")
+        for i, c in enumerate(candidates):
+            if c in candidates[:i]:
+                raise ConfigError(f"candidates[{i}]={c!r} repeats an earlier entry; list each candidate once")
+        object.__setattr__(self, "candidates", candidates)
+        for name in ("keep_fp32", "block_types", "block_globs", "leaf_modules"):
+            object.__setattr__(self, name, _as_str_tuple(getattr(self, name), name))
+        if isinstance(self.embed_dims, (str, bytes, int)) or not self.embed_dims:
+            raise ConfigError(f"embed_dims must be a non-empty sequence of widths, got {self.embed_dims!r}; e.g. (32, 16) or (40,)")
+        object.__setattr__(self, "embed_dims", tuple(_check_positive_int(d, "each embed_dims entry") for d in self.embed_dims))
+        _check_positive_int(self.hidden, "hidden")
+        kinds = _as_str_tuple(self.quantize, "quantize")
+        for kind in kinds:
+            if kind not in QUANTIZABLE_KINDS:
+                raise ConfigError(f"quantize: unknown op kind {kind!r}{_did_you_mean(kind, QUANTIZABLE_KINDS)}; choose from {QUANTIZABLE_KINDS}")
+        object.__setattr__(self, "quantize", kinds)
+        if not (isinstance(self.act_momentum, (int, float)) and 0.0 <= self.act_momentum < 1.0):
+            raise ConfigError(f"act_momentum must be in [0, 1), got {self.act_momentum!r}")
+        if not isinstance(self.stochastic_grad, bool):
+            raise ConfigError(f"stochastic_grad must be True or False, got {self.stochastic_grad!r}")
+        if not isinstance(self.replace_attention, bool):
+            raise ConfigError(f"replace_attention must be True or False, got {self.replace_attention!r}")
+
+
+ALL_CONFIGS: tuple[type[_Config], ...] = (QuantConfig, DFQConfig)
 
 
 def config_from_dict(data: dict[str, Any]) -> _Config:

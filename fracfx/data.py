@@ -246,9 +246,13 @@ def load_fashion_mnist(datadir: str | os.PathLike | None = None) -> tuple[tuple[
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR batch files: plain containers and numpy arrays, nothing callable else."""
+    """Unpickles the CIFAR batch files: plain containers and numpy arrays, nothing callable else.
+
+    _codecs.encode is how Python 3's protocol-2 pickles spell bytes; it only encodes a string.
+    """
 
     _ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),

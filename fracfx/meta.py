@@ -14,6 +14,9 @@ OP_COST = "fracfx_cost"
 QUANT_BINDING = "fracfx_binding"
 INSERTED = "fracfx_inserted"
 TRACE_LEAVES = "fracfx_trace_leaves"  # GraphModule.meta: modules kept as leaves after a trace failure
+FROZEN = "fracfx_frozen"  # GraphModule.meta: tuple[FrozenQuant, ...] written by freeze_precision
+BLOCK = "fracfx_block"  # BlockSpec on every compute node inside a gated block, and on its gate's mask node
+BLOCK_PORTS = "fracfx_block_ports"  # tuple[BlockPort, ...] on the nodes that are a block's input/shortcut/output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,47 @@ class Inserted:
     serves: str  # name of the compute node
 
 
+@dataclasses.dataclass(frozen=True)
+class FrozenQuant:
+    """One quantizer as freeze_precision fixed it (the numbers themselves live in the module).
+
+    max_shift_steps: how far moving lo onto the integer zero-point grid moved the grid, in steps
+    (max over channels; at most 0.5 unless the range was widened). extended: channels whose range
+    did not contain 0 and was widened to include it (their step grew).
+    """
+
+    target: str  # submodule path of the frozen quantizer
+    role: str  # "act_quant" | "weight_quant"
+    serves: str  # name of the compute node it feeds
+    bits: int
+    max_shift_steps: float
+    extended: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """A gated region (DFQ): one precision decision per sample applies to all its quantized ops.
+
+    index: the gate's step along depth (execution order); input_shape: the block input's shape
+    without the batch dimension (dim 0 is channels); residual: the block has a shortcut, so the
+    "skip" candidate is defined for it.
+    """
+
+    index: int
+    module_path: str
+    module_type: str
+    input_shape: tuple[int, ...]
+    residual: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPort:
+    """Marks a node as a block's "input" (what its gate embeds), "shortcut" or "output" value."""
+
+    role: str
+    block: BlockSpec
+
+
 def _getter(key: str):
     def get(node: fx.Node):
         return node.meta.get(key)
@@ -70,6 +114,15 @@ get_quant_spec, set_quant_spec = _getter(QUANT_SPEC), _setter(QUANT_SPEC)
 get_op_cost, set_op_cost = _getter(OP_COST), _setter(OP_COST)
 get_binding, set_binding = _getter(QUANT_BINDING), _setter(QUANT_BINDING)
 get_inserted, set_inserted = _getter(INSERTED), _setter(INSERTED)
+get_block, set_block = _getter(BLOCK), _setter(BLOCK)
+
+
+def get_block_ports(node: fx.Node) -> tuple[BlockPort, ...]:
+    return node.meta.get(BLOCK_PORTS, ())
+
+
+def add_block_port(node: fx.Node, port: BlockPort) -> None:
+    node.meta[BLOCK_PORTS] = get_block_ports(node) + (port,)
 
 
 def compute_nodes(graph: fx.Graph):

@@ -94,13 +94,17 @@ class GradQuantFn(torch.autograd.Function):
     The quantized tensor is what flows on into the op's backward, so both dX and dW are computed
     from the same quantized gradient. `sample_qmax` (B,) gives per-sample bits for DFQ: each
     sample's range is taken over the samples with the same bits only (no leakage between
-    groups); entries of 0 leave that sample's gradient in FP32.
+    groups); entries of 0 leave that sample's gradient in FP32. `sample_group` (B,) ints, if
+    given, defines the range groups instead (DFQ: the candidate each sample chose).
     """
 
     @staticmethod
-    def forward(ctx, y, qmax, generator, stochastic, sample_qmax):
+    def forward(ctx, y, qmax, generator, stochastic, sample_qmax, sample_group=None):
         ctx.qmax, ctx.generator, ctx.stochastic, ctx.sample_qmax = qmax, generator, stochastic, sample_qmax
-        return y.view_as(y)
+        ctx.sample_group = sample_group
+        # a fresh tensor, not a view of y: ops that write in place right after the compute op
+        # (conv -> ReLU(inplace=True), `out += x`) are refused on views made inside a Function
+        return y.clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -109,21 +113,22 @@ class GradQuantFn(torch.autograd.Function):
             lo, rng = tensor_range(grad)
             out = fake_quant(grad, lo, rng, ctx.qmax, noise)
         else:
-            out = _grouped_quant(grad, ctx.sample_qmax, noise)
-        return out, None, None, None, None
+            out = _grouped_quant(grad, ctx.sample_qmax, noise, ctx.sample_group)
+        return out, None, None, None, None, None
 
 
-def _grouped_quant(grad: torch.Tensor, sample_qmax: torch.Tensor, noise) -> torch.Tensor:
-    """Quantize each sample at its own qmax, ranges pooled over samples sharing that qmax."""
+def _grouped_quant(grad: torch.Tensor, sample_qmax: torch.Tensor, noise, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize each sample at its own qmax, with (lo, R) pooled over its group's samples only.
+
+    Groups are the samples sharing a qmax, or the given (B,) `groups` ids (samples in one group
+    must share a qmax). A sample's grid therefore depends on its own group's gradients alone.
+    """
     batch = grad.shape[0]
     flat = grad.detach().reshape(batch, -1)
     sample_lo, sample_hi = torch.aminmax(flat, dim=1)
-    lo = torch.empty_like(sample_lo)
-    hi = torch.empty_like(sample_hi)
-    for value in torch.unique(sample_qmax).tolist():
-        members = sample_qmax == value
-        lo[members] = sample_lo[members].min()
-        hi[members] = sample_hi[members].max()
+    ids = torch.unique(sample_qmax if groups is None else groups, return_inverse=True)[1]
+    lo = torch.full_like(sample_lo, float("inf")).scatter_reduce(0, ids, sample_lo, "amin", include_self=False)[ids]
+    hi = torch.full_like(sample_hi, float("-inf")).scatter_reduce(0, ids, sample_hi, "amax", include_self=False)[ids]
     bshape = (batch,) + (1,) * (grad.dim() - 1)
     qmax = sample_qmax.to(grad.dtype).view(bshape)
     fp32 = (sample_qmax == 0).view(bshape)

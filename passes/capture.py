@@ -9,6 +9,8 @@ gm.meta[TRACE_LEAVES] so the transform can report what stayed unquantized.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import os
 import traceback
 from typing import Any, Sequence
@@ -34,7 +36,7 @@ class _CaptureTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
-        return super().is_leaf_module(m, qualname)
+        return super().is_leaf_module(m, qualname) or _switches_on_training(m)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -77,6 +79,24 @@ def capture_graph(
         gm.meta[TRACE_LEAVES] = tuple(skipped)
         return gm
     raise UnsupportedGraphError(f"gave up after keeping {_MAX_FALLBACKS} modules as leaves: {skipped}")
+
+
+def _switches_on_training(m: nn.Module) -> bool:
+    """A parameter-free, childless module whose forward reads self.training (stochastic depth,
+    drop-path). Tracing through it would bake training=True into the graph, so the transformed
+    model would keep dropping paths in eval(); as a leaf, train()/eval() still switch it.
+    """
+    if next(m.children(), None) is not None or next(m.parameters(), None) is not None:
+        return False
+    return _forward_reads_training(type(m))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_reads_training(cls: type) -> bool:
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (builtin or generated class): trace through as usual
+        return False
 
 
 def _explain(error: Exception, failed: tuple[str, nn.Module] | None) -> str:

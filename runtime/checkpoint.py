@@ -7,7 +7,9 @@ The payload is plain data: dict, list, tuple, str, bytes, int, float, bool, None
 torch.Size/dtype/device (what torch.load(weights_only=True) accepts). save_checkpoint checks
 that before writing and names the offending key, so a checkpoint that could not be loaded safely
 is never written. On disk the payload sits in an envelope {"format": "fracfx-checkpoint",
-"version": N, "payload": ...}; load_checkpoint returns the payload.
+"version": N, "sha256": digest, "payload": ...}; load_checkpoint checks the digest (torch does not
+check the zip's CRCs, so a flipped byte in tensor data would otherwise load silently) and returns
+the payload.
 
 A crash at any moment leaves either the previous checkpoint or the new one, never a torn file:
 the bytes go to a temporary file in the same folder, are fsynced, and os.replace()d over the
@@ -17,12 +19,14 @@ target (then the folder is fsynced, where the OS allows).
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import pickle
-import tempfile
+import secrets
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -56,24 +60,67 @@ def _check_plain(value: Any, where: str) -> None:
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     """Write `payload` to `path` atomically; return the path."""
-    path = Path(path)
     if not isinstance(payload, dict):
         raise CheckpointError(f"a checkpoint payload must be a dict, got {type(payload).__name__}")
     _check_plain(payload, "payload")
+    envelope = {"format": FORMAT, "version": VERSION, "sha256": payload_digest(payload), "payload": payload}
+    return atomic_write(path, lambda handle: torch.save(envelope, handle))
+
+
+def payload_digest(payload: Any) -> str:
+    """SHA-256 over the payload's structure, plain values and tensor bytes.
+
+    torch's zip reader does not check CRCs, so a flipped byte inside tensor data would load as a
+    silently wrong weight; load_checkpoint recomputes this digest to catch that.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, payload)
+    return digest.hexdigest()
+
+
+def _feed(digest, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        text = repr(value).encode()
+        digest.update(f"S{type(value).__name__}{len(text)}:".encode() + text)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call write(handle) on a temporary file beside `path`, fsync it, then os.replace it over `path`.
+
+    The file gets the usual permissions (0666 less the umask), as if opened with open(path, "wb").
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    envelope = {"format": FORMAT, "version": VERSION, "payload": payload}
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    for attempt in range(100):
+        temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise CheckpointError(f"could not create a temporary file beside {path}")
     try:
-        with handle:
-            torch.save(envelope, handle)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        os.replace(temp, path)
     except BaseException:
-        try:
-            os.unlink(handle.name)
-        except FileNotFoundError:
-            pass
+        temp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
@@ -92,6 +139,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _refusal_detail(error: Exception) -> str:
+    """The specific reason inside torch's long weights_only message (which advises weights_only=False)."""
+    details = []
+    for line in str(error).splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if line and not line.startswith(("Weights only load failed", "Check the documentation", "Please file an issue")):
+            details.append(line)
+    return "; ".join(details) or type(error).__name__
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by save_checkpoint and return its payload.
 
@@ -106,12 +165,14 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (an interrupted copy?); use an earlier checkpoint")
     try:
-        envelope = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            envelope = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"{path} was refused by the safe loader: it holds objects other than plain data and tensors "
-            f"(or is not a torch file at all), and fracfx never unpickles those because that can run code ({first})"
+            f"{path} was refused by the safe loader: it holds objects other than plain data and tensors, "
+            f"or is not a torch checkpoint at all; fracfx never unpickles such files because that can run "
+            f"code ({_refusal_detail(error)})"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as error:
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(error).__name__}: {error})") from error
@@ -127,4 +188,6 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     payload = envelope.get("payload")
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} has no payload dict; it is damaged")
+    if envelope.get("sha256") != payload_digest(payload):
+        raise CheckpointError(f"{path} is corrupt: its contents do not match the checksum written with them; use an earlier checkpoint")
     return payload

@@ -176,7 +176,8 @@ def _as_loss(loss) -> float | torch.Tensor:
         if loss.device.type == "mps":  # no float64 there; pay the sync instead
             return float(loss.detach())
         return loss.detach().reshape(()).to(torch.float64)
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) and not hasattr(loss, "__float__"):
+    # Anything with __float__ (numpy scalars too) but not str/bool, which float() would accept or misread.
+    if isinstance(loss, (bool, str, bytes)) or not hasattr(loss, "__float__"):
         raise ConfigError(f"step() needs the training loss as a float or a 0-d tensor, got {type(loss).__name__}")
     return float(loss)
 

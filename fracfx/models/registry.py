@@ -21,6 +21,7 @@ from torch import nn
 from fracfx.errors import ConfigError
 from fracfx.models.cifar_mobilenet_v2 import cifar_mobilenet_v2
 from fracfx.models.cifar_resnet import cifar_resnet20, cifar_resnet38, cifar_resnet74
+from fracfx.models.transformer_lm import transformer_lm_zoo
 
 DEFAULT_NUM_CLASSES = 10
 DEFAULT_IN_CHANNELS = 3
@@ -42,6 +43,8 @@ ZOO: dict[str, ZooEntry] = {
     "cifar_resnet38": ZooEntry(cifar_resnet38, (32, 32)),
     "cifar_resnet74": ZooEntry(cifar_resnet74, (32, 32)),
     "cifar_mobilenet_v2": ZooEntry(cifar_mobilenet_v2, (32, 32)),
+    # num_classes = vocabulary size; input is (batch, tokens) ids, here (1, default context)
+    "transformer_lm": ZooEntry(transformer_lm_zoo, (1, 128)),
 }
 
 

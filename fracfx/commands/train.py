@@ -1,0 +1,135 @@
+"""`fracfx train`: FP32, static and PFQ training recipes (and any registered method).
+
+Flags keep the FracTrain reference names (--batch_size, --num_bits_schedule, ...); each also
+accepts a dashed spelling (--batch-size). Every flag defaults to "unset" here and the defaults
+live in fracfx.train.TrainConfig, so a resumed run can tell which flags were given explicitly.
+
+    fracfx train --method pfq --arch cifar_resnet38 --epochs 3 --save_folder runs/pfq
+    fracfx train --resume runs/pfq          # continue exactly where the checkpoint left off
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from fracfx.errors import ConfigError
+
+_D = None  # TrainConfig defaults, filled in lazily for the help texts
+
+
+def _defaults():
+    global _D
+    if _D is None:
+        from fracfx.train import TrainConfig
+
+        _D = TrainConfig()
+    return _D
+
+
+def _flag(parser, name: str, **kwargs) -> None:
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*names, dest=name, default=None, **kwargs)
+
+
+def register(subparsers) -> None:
+    from fracfx.train import available_methods
+
+    d = _defaults()
+    methods = available_methods()
+    parser = subparsers.add_parser(
+        "train", help="train with fp32 | static | pfq (| dfq | fractrain) precision, resumable",
+        description="Train a model with a FracTrain precision recipe; writes metrics.jsonl, checkpoint.pt and "
+        "summary.json to --save_folder. Methods: " + "; ".join(f"{n}: {m.help}" for n, m in methods.items()),
+    )
+    _flag(parser, "method", choices=list(methods), help=f"training recipe (default {d.method})")
+    _flag(parser, "arch", help=f"model: zoo name, torchvision name or package.module:factory (default {d.arch})")
+    _flag(parser, "dataset", choices=["fashion-mnist", "cifar10", "cifar100", "imagenet"], help=f"dataset (default {d.dataset})")
+    _flag(parser, "datadir", help="dataset folder (fashion-mnist: /usr/share/datasets/fashion-mnist; cifar: holds "
+          "cifar-10-batches-py/ or cifar-100-python/; imagenet: holds train/ and val/)")
+    parser.add_argument("--download", action="store_const", const=True, default=None, help="cifar: download into --datadir if missing")
+    _flag(parser, "train_subset", type=int, metavar="N", help="train on the first N training samples only")
+    _flag(parser, "test_subset", type=int, metavar="N", help="evaluate on the first N test samples only")
+    _flag(parser, "batch_size", type=int, help=f"training batch size (default {d.batch_size})")
+    _flag(parser, "test_batch_size", type=int, help="evaluation batch size (default max(batch_size, 256))")
+    length = parser.add_mutually_exclusive_group()
+    _flag(length, "iters", type=int, help="training iterations")
+    _flag(length, "epochs", type=float, help="training epochs, if --iters is not given (default 3)")
+    _flag(parser, "lr", type=float, help=f"initial learning rate (default {d.lr})")
+    _flag(parser, "lr_milestones", type=int, nargs="+", metavar="ITER", help="iterations where the LR is multiplied by --lr_gamma (default 50%% and 75%% of the run)")
+    _flag(parser, "lr_gamma", type=float, help=f"LR decay factor at each milestone (default {d.lr_gamma})")
+    _flag(parser, "momentum", type=float, help=f"SGD momentum (default {d.momentum})")
+    _flag(parser, "weight_decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
+    static = parser.add_argument_group("static")
+    _flag(static, "act_bits", type=int, help=f"activation bits, 0 = FP32 (default {d.act_bits})")
+    _flag(static, "weight_bits", type=int, help=f"weight bits, 0 = FP32 (default {d.weight_bits})")
+    _flag(static, "grad_bits", type=int, help=f"gradient bits, 0 = FP32 (default {d.grad_bits})")
+    pfq = parser.add_argument_group("pfq")
+    _flag(pfq, "num_bits_schedule", type=int, nargs="+", metavar="BITS", help=f"forward (activation and weight) bits per stage (default {' '.join(map(str, d.num_bits_schedule))})")
+    _flag(pfq, "num_grad_bits_schedule", type=int, nargs="+", metavar="BITS", help=f"gradient bits per stage (default {' '.join(map(str, d.num_grad_bits_schedule))})")
+    _flag(pfq, "num_turning_point", type=int, help=f"stage switches N (default {d.num_turning_point})")
+    _flag(pfq, "initial_threshold", type=float, help=f"plateau threshold eps (default {d.initial_threshold}; the CIFAR scripts use 0.15)")
+    _flag(pfq, "decay", type=float, help=f"eps multiplier at the 1st and 2nd turning points (default {d.decay}; CIFAR scripts 0.4)")
+    _flag(pfq, "window", type=int, help="iterations per indicator window (default: iterations / 30, FRACTRAIN.md section 9)")
+    _flag(parser, "keep_fp32", nargs="*", metavar="GLOB", help="module globs, @first, @last kept in FP32; no value = quantize all (default @last)")
+    for name, method in methods.items():
+        if method.options:
+            group = parser.add_argument_group(name)
+            for option in method.options:
+                _flag(group, option.name, type=option.type, nargs=option.nargs, help=f"{option.help} (default {option.default})")
+    run = parser.add_argument_group("run")
+    _flag(run, "eval_every", type=int, metavar="ITERS", help="evaluate, log and checkpoint every ITERS iterations (default: once per epoch, at least 10 times)")
+    _flag(run, "save_folder", help=f"run directory (default {d.save_folder})")
+    _flag(run, "resume", help="continue the run in this directory (or from this checkpoint.pt)")
+    _flag(run, "seed", type=int, help=f"seed of everything: init, data order, augmentation, rounding (default {d.seed})")
+    _flag(run, "workers", type=int, help=f"data loader worker processes (default {d.workers})")
+    _flag(run, "device", help=f"torch device (default {d.device})")
+    _flag(run, "threads", type=int, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--no_progress", "--no-progress", action="store_true", help="no live progress bar (it is off anyway when not on a terminal)")
+    # Hidden, for the resume tests: SIGKILL this process right after iteration N (no cleanup at all).
+    parser.add_argument("--crash_after", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run_train)
+
+
+_NOT_CONFIG = {"command", "func", "resume", "threads", "no_progress", "crash_after"}
+
+
+def config_from_args(args):
+    """A TrainConfig from the flags given explicitly, or None when none were given."""
+    from fracfx.train import TrainConfig, available_methods
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
+    option_names = {o.name for m in available_methods().values() for o in m.options}
+    method = given.get("method", TrainConfig.__dataclass_fields__["method"].default)
+    own = {o.name for o in available_methods()[method].options} if method in available_methods() else set()
+    options = {}
+    for name in option_names & set(given):
+        value = given.pop(name)
+        if name not in own:
+            raise ConfigError(f"--{name} belongs to another method; --method {method} does not use it")
+        options[name] = value
+    if not given and not options:
+        return None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in given.items() if k in fields}, options=options)
+
+
+def run_train(args) -> int:
+    import torch
+
+    from fracfx.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    if args.resume is None and config is None:
+        config = TrainConfig()
+    try:
+        train(config, resume=args.resume, progress=False if args.no_progress else None, crash_after=args.crash_after)
+    except KeyboardInterrupt:
+        import sys
+
+        run_dir = args.resume or config.save_folder
+        print(f"fracfx train: interrupted; continue from the last checkpoint with: fracfx train --resume {run_dir}", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,132 @@
+"""The DFQ gate network (FRACTRAIN.md section 3) as the nn.Modules insert_gates puts in the graph.
+
+Per gated block i, in depth order:
+
+    e_i = GateEmbedding_i(x_i)      GAP -> 1x1 conv C->32 (+bias) -> ReLU -> 1x1 conv 32->16
+    s_i = lstm(e_i, s_{i-1})        ONE shared nn.LSTMCell; no state for block 0: zeros every forward
+    m_i = GateChoice_i(head(s_i.h)) shared Linear(hidden -> K); p = softmax, h = one_hot(argmax p),
+                                    m = h - p.detach() + p (exactly one-hot forward, softmax backward)
+
+`CandidateTable` is the per-candidate precision and cost that the mixed quantizers and the
+controller share. Everything here is FP32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fracfx.bits import cost_bits
+from fracfx.config import FP32_CANDIDATE, SKIP
+
+FP32_BITOPS = 32 * 32
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateTable:
+    """The K candidates of a DFQConfig in canonical form ("skip", "fp32" or (a, g))."""
+
+    entries: tuple
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def skip_index(self) -> int | None:
+        return self.entries.index(SKIP) if SKIP in self.entries else None
+
+    @property
+    def fp32_index(self) -> int | None:
+        return self.entries.index(FP32_CANDIDATE) if FP32_CANDIDATE in self.entries else None
+
+    @property
+    def act_bits(self) -> tuple[int | None, ...]:
+        """Activation bits per candidate: 0 = unquantized (FP32), None = skip (no activation)."""
+        return tuple(None if e == SKIP else 0 if e == FP32_CANDIDATE else e[0] for e in self.entries)
+
+    @property
+    def grad_bits(self) -> tuple[int, ...]:
+        """Gradient bits per candidate: 0 = unquantized (FP32 and skip)."""
+        return tuple(0 if isinstance(e, str) else e[1] for e in self.entries)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(e if isinstance(e, str) else f"a{cost_bits(e[0])}g{cost_bits(e[1])}" for e in self.entries)
+
+    def bitops(self, index: int, weight_bits: int | None) -> int:
+        """a*w + g*w + a*g of one MAC under candidate `index` (FP32 = 32 bits; skip = 0).
+
+        weight_bits is the op's own weight quantizer's bits (0 = FP32), or None for an op whose
+        second operand is an activation at the candidate's bits (matmul). "fp32" runs the
+        weights unquantized too, so it costs 3 * 32 * 32 whatever weight_bits is.
+        """
+        entry = self.entries[index]
+        if entry == SKIP:
+            return 0
+        if entry == FP32_CANDIDATE:
+            return 3 * FP32_BITOPS
+        a, g = cost_bits(entry[0]), cost_bits(entry[1])
+        w = a if weight_bits is None else cost_bits(weight_bits)
+        return a * w + g * w + a * g
+
+
+class GateEmbedding(nn.Module):
+    """Global average pool, then 1x1 convs with ReLU between them: (B, C, ...) -> (B, dims[-1])."""
+
+    def __init__(self, in_channels: int, dims: tuple[int, ...] = (32, 16)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_channels
+        for i, dim in enumerate(dims):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(nn.Conv2d(width, dim, 1, bias=True))
+            width = dim
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.flatten(2).mean(2) if x.dim() > 2 else x  # dim 1 is channels
+        return self.layers(pooled[:, :, None, None]).flatten(1)
+
+
+class GateChoice(nn.Module):
+    """softmax -> hard one-hot of the argmax (first index on ties) -> straight-through mask.
+
+    Keeps the last forward's mask (with its autograd graph, for the cost term) and choice; the
+    runtime reads them. `forward_count` tells the runtime whether it has seen this batch.
+    """
+
+    def __init__(self, table: CandidateTable):
+        super().__init__()
+        self.table = table
+        self.last_mask: torch.Tensor | None = None
+        self.forward_count = 0
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        p = F.softmax(logits, dim=1)
+        hard = F.one_hot(p.detach().argmax(dim=1), p.shape[1]).to(p.dtype)
+        mask = hard - p.detach() + p
+        self.last_mask = mask
+        self.forward_count += 1
+        return mask
+
+    @property
+    def last_choice(self) -> torch.Tensor | None:
+        """(B,) candidate index per sample of the last forward."""
+        return None if self.last_mask is None else choice_of(self.last_mask)
+
+    def __getstate__(self):  # deepcopy/pickle: the last batch's autograd graph does not travel
+        state = super().__getstate__()
+        state["last_mask"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"candidates={self.table.labels}"
+
+
+def choice_of(mask: torch.Tensor) -> torch.Tensor:
+    """The candidate each sample chose: the argmax of its (one-hot in forward) mask row."""
+    return mask.detach().argmax(dim=1)

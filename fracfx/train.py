@@ -1,0 +1,807 @@
+"""The training loop behind `fracfx train`: FP32, static and PFQ recipes, resumable exactly.
+
+    from fracfx.train import TrainConfig, train
+    result = train(TrainConfig(method="pfq", arch="cifar_resnet20", epochs=1, save_folder="runs/pfq"))
+
+A run directory holds config.json (the resolved config), metrics.jsonl (one line per
+evaluation), checkpoint.pt (written atomically at every evaluation and at the end) and
+summary.json. `train(config, resume="runs/pfq")` continues from the checkpoint and ends with the
+same weights and metrics as a run that was never interrupted: the checkpoint holds the model
+(with quantizer bits, ranges and rounding-generator state), optimizer, LR schedule, the method's
+state (the PFQ indicator), every RNG, the cost meter, the metrics so far; the data order is a
+function of (seed, iteration) (see fracfx.data).
+
+Methods
+-------
+A method is a Method subclass registered with @register_method. It decides how the float model
+becomes the trained model and how precision evolves; the loop is shared. Built in: fp32, static,
+pfq. Others (dfq, fractrain) live in modules listed in METHOD_MODULES, imported on first use;
+a method may declare its own options (Method.options), which become CLI flags and are stored in
+TrainConfig.options.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fracfx.bits import check_bits, cost_bits
+from fracfx.errors import CheckpointError, ConfigError
+
+# Modules that define more methods (imported on first lookup; a missing one is skipped).
+METHOD_MODULES: tuple[str, ...] = ("fracfx.train_dfq",)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+TIMING_KEY = "timing"  # the only part of a metrics line that may differ between identical runs
+RUN_KIND = "fracfx-train"
+RESUME_OVERRIDABLE = ("workers", "device")  # may change on resume: they do not change the numbers
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A method-specific setting: becomes the CLI flag --<name> and TrainConfig.options[name]."""
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    nargs: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run. None means "derive it" (see resolve())."""
+
+    method: str = "pfq"
+    arch: str = "cifar_resnet38"
+    dataset: str = "fashion-mnist"
+    datadir: str | None = None
+    download: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+    batch_size: int = 128
+    test_batch_size: int | None = None
+    iters: int | None = None
+    epochs: float | None = None  # used when iters is None; both None -> 3 epochs
+    lr: float = 0.1
+    lr_milestones: tuple[int, ...] | None = None  # iterations; default 50 % and 75 % of the run
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    act_bits: int = 8  # static
+    weight_bits: int = 8
+    grad_bits: int = 8
+    num_bits_schedule: tuple[int, ...] = (3, 4, 6, 8)  # pfq: forward bits per stage
+    num_grad_bits_schedule: tuple[int, ...] = (6, 6, 8, 8)  # pfq: gradient bits per stage
+    num_turning_point: int = 3
+    initial_threshold: float = 0.05
+    decay: float = 0.3
+    window: int | None = None  # iterations per indicator window; default ~ iterations / 30
+    keep_fp32: tuple[str, ...] | None = None  # None: QuantConfig's default (@last)
+    eval_every: int | None = None  # default: at least once per epoch and 10 times per run
+    save_folder: str = "runs/fracfx"
+    seed: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # method-specific
+
+    def __post_init__(self):
+        for name in ("iters", "train_subset", "test_subset", "test_batch_size", "window", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive int (or unset), got {value!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise ConfigError(f"epochs must be > 0, got {self.epochs!r}")
+        for name in ("lr", "lr_gamma"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ConfigError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum!r} and {self.weight_decay!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"workers must be an int >= 0, got {self.workers!r}")
+        for name in ("act_bits", "weight_bits", "grad_bits"):
+            check_bits(getattr(self, name), name)
+        for name in ("num_bits_schedule", "num_grad_bits_schedule", "lr_milestones", "keep_fp32"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (str, bytes)):
+                    raise ConfigError(f"{name} must be a sequence, not the string {value!r}")
+                object.__setattr__(self, name, tuple(value))
+        if len(self.num_bits_schedule) != len(self.num_grad_bits_schedule):
+            raise ConfigError(
+                f"num_bits_schedule {self.num_bits_schedule} and num_grad_bits_schedule {self.num_grad_bits_schedule} "
+                "must have one entry per stage each"
+            )
+        if self.lr_milestones is not None and list(self.lr_milestones) != sorted(set(self.lr_milestones)):
+            raise ConfigError(f"lr_milestones must be increasing iterations, got {self.lr_milestones}")
+        method = get_method(self.method)
+        object.__setattr__(self, "options", method.check_options(dict(self.options)))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            data[field.name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                raise ConfigError(f"unknown TrainConfig field {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        return cls(**data)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The numbers a run derives from its config and its data (stored in config.json)."""
+
+    iterations: int
+    batches_per_epoch: int
+    lr_milestones: tuple[int, ...]
+    window: int
+    eval_every: int
+
+
+def plan_run(config: TrainConfig, batches_per_epoch: int) -> Plan:
+    if config.iters is not None:
+        iterations = config.iters
+    else:
+        iterations = max(1, math.ceil((config.epochs if config.epochs is not None else 3) * batches_per_epoch))
+    milestones = config.lr_milestones
+    if milestones is None:
+        milestones = tuple(sorted({max(1, iterations // 2), max(1, iterations * 3 // 4)}))
+    window = config.window or max(1, round(iterations / 30))
+    eval_every = config.eval_every or max(1, min(batches_per_epoch, math.ceil(iterations / 10)))
+    return Plan(iterations, batches_per_epoch, tuple(milestones), window, eval_every)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """What a method reports about precision: bits as the cost model counts them (FP32 = 32).
+
+    Per-sample methods (DFQ) report the mean bits of the last batch; `extra` carries anything
+    else worth logging (it lands in the metrics line as method_state).
+    """
+
+    act: float
+    weight: float
+    grad: float
+    stage: int | None = None
+    turning_points: tuple[int, ...] = ()
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.act == self.weight == self.grad == 32:
+            return "FP32"
+        bits = f"FW{self.act}/BW{self.grad}" if self.act == self.weight else f"A{self.act}/W{self.weight}/G{self.grad}"
+        return bits if self.stage is None else f"stage {self.stage} {bits}"
+
+
+class Method:
+    """One training recipe. Subclass, set `name`, and decorate with @register_method.
+
+    The trainer calls build() once, then per iteration loss() before backward and
+    after_step() after optimizer.step(); precision() whenever it logs; state_dict() /
+    load_state_dict() for checkpoints (plain data and tensors only). The model returned by
+    build() is what gets optimized (its parameters, including any gate, go to SGD).
+    """
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, config: TrainConfig, plan: Plan):
+        self.config, self.plan = config, plan
+        self.model: nn.Module | None = None
+        self.cost_model: nn.Module | None = None
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        known = {o.name: o for o in cls.options}
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"method {cls.name!r} has no option {key!r}{hint}; its options: {sorted(known) or 'none'}")
+        return {name: options.get(name, option.default) for name, option in known.items()}
+
+    def option(self, name: str) -> Any:
+        return self.config.options[name]
+
+    def quant_config(self, act: int, weight: int, grad: int):
+        from fracfx.config import QuantConfig
+
+        kwargs = {} if self.config.keep_fp32 is None else {"keep_fp32": self.config.keep_fp32}
+        return QuantConfig(act_bits=act, weight_bits=weight, grad_bits=grad, **kwargs)
+
+    def build(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+        """Return the model to train; also set self.cost_model (a transformed graph for CostMeter)."""
+        raise NotImplementedError
+
+    def cost_meter(self):
+        """An object with step(batch_size), summary(), state_dict(), load_state_dict()."""
+        from fracfx.runtime import CostMeter
+
+        return CostMeter(self.cost_model)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate (DFQ adds its cost term here)."""
+        return ce
+
+    def after_step(self, loss: float) -> None:
+        """Called after optimizer.step() with this iteration's cross-entropy."""
+
+    def precision(self) -> Precision:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+METHODS: dict[str, type[Method]] = {}
+_loaded_plugins = False
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise ConfigError(f"{cls.__name__} needs a `name` to be registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    global _loaded_plugins
+    if _loaded_plugins:
+        return
+    _loaded_plugins = True
+    for module in METHOD_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+def available_methods() -> dict[str, type[Method]]:
+    _load_plugins()
+    return dict(METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    methods = available_methods()
+    if name not in methods:
+        close = difflib.get_close_matches(str(name), methods, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown method {name!r}{hint}; choose from {', '.join(methods)}")
+    return methods[name]
+
+
+def _fp32_cost_graph(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """A transformed copy at 0 bits everywhere: the MAC counts CostMeter needs, FP32 costs."""
+    from fracfx.api import transform
+    from fracfx.config import QuantConfig
+
+    return transform(copy.deepcopy(model), QuantConfig(act_bits=0, weight_bits=0, grad_bits=0, keep_fp32=()), example_inputs=example_input)
+
+
+@register_method
+class FP32Method(Method):
+    name = "fp32"
+    help = "plain FP32 training (the float model, untransformed)"
+
+    def build(self, model, example_input):
+        self.model = model
+        self.cost_model = _fp32_cost_graph(model, example_input)
+        return model
+
+    def precision(self) -> Precision:
+        return Precision(32, 32, 32)
+
+
+@register_method
+class StaticMethod(Method):
+    name = "static"
+    help = "fixed --act_bits/--weight_bits/--grad_bits for the whole run (default 8/8/8)"
+
+    def build(self, model, example_input):
+        from fracfx.api import seed_rounding, transform
+
+        c = self.config
+        self.model = transform(model, self.quant_config(c.act_bits, c.weight_bits, c.grad_bits), example_inputs=example_input)
+        seed_rounding(self.model, c.seed)
+        self.cost_model = self.model
+        return self.model
+
+    def precision(self) -> Precision:
+        c = self.config
+        return Precision(cost_bits(c.act_bits), cost_bits(c.weight_bits), cost_bits(c.grad_bits))
+
+
+@register_method
+class PFQMethod(Method):
+    name = "pfq"
+    help = "progressive fractional quantization: --num_bits_schedule / --num_grad_bits_schedule, raised on loss plateaus"
+
+    def build(self, model, example_input):
+        from fracfx.api import seed_rounding, transform
+        from fracfx.runtime import PFQScheduler
+
+        c = self.config
+        fw, bw = c.num_bits_schedule, c.num_grad_bits_schedule
+        self.model = transform(model, self.quant_config(fw[0], fw[0], bw[0]), example_inputs=example_input)
+        seed_rounding(self.model, c.seed)
+        self.scheduler = PFQScheduler(
+            self.model, fw, bw, num_turning_point=c.num_turning_point, initial_threshold=c.initial_threshold,
+            decay=c.decay, window=self.plan.window,
+        )
+        self.cost_model = self.model
+        return self.model
+
+    def after_step(self, loss: float) -> None:
+        self.scheduler.step(loss)
+
+    def precision(self) -> Precision:
+        a, w, g = self.scheduler.bits
+        extra = {"threshold": self.scheduler.threshold, "last_max_difference": self.scheduler.tracker.indicator.last_max_difference}
+        return Precision(a, w, g, self.scheduler.stage, tuple(i for i, _ in self.scheduler.turning_points), extra)
+
+    def state_dict(self):
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state as plain data
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    from fracfx.runtime.checkpoint import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def resolve_checkpoint(resume: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory holding checkpoint.pt."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; --resume takes a run directory or its {CHECKPOINT}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module
+    metrics: list[dict]
+    summary: dict
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in %) over the loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device), targets.to(device)
+        outputs = model(inputs)
+        total_loss += float(F.cross_entropy(outputs, targets, reduction="sum"))
+        correct += int((outputs.argmax(1) == targets).sum())
+        count += len(targets)
+    model.train(was_training)
+    return total_loss / max(count, 1), 100.0 * correct / max(count, 1)
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    console=None,
+    crash_after: int | None = None,
+) -> TrainResult:
+    """Train (or resume) a run; returns the model, metrics and summary.
+
+    config: required for a fresh run; with resume, the checkpoint's config is used and a given
+      config must agree with it (fields left at their defaults are not compared; `workers` and
+      `device` may change).
+    progress: None shows a live display only on a terminal.
+    crash_after: SIGKILL this process right after that iteration (tests of resume use it).
+    """
+    from rich.console import Console
+
+    from fracfx.data import train_batches
+
+    console = console or Console()
+    config, run_dir, state = _open_run(config, resume)
+    session = _Session(config, run_dir)
+    if state is not None:
+        session.restore(state)
+    else:
+        session.start()
+    display = _Display(console, session.plan.iterations, session.iteration, enabled=progress, title=f"{config.method} {config.arch} {config.dataset}")
+    with display:
+        if not session.finished:
+            for index, inputs, targets in train_batches(session.train_loader, session.iteration):
+                loss = session.step(index, inputs, targets)
+                if crash_after is not None and session.iteration == crash_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                display.update(session.iteration, loss, session.train_acc, session.method.precision(), session.meter.summary())
+                if session.iteration % session.plan.eval_every == 0 or session.finished:
+                    record = session.evaluate_and_checkpoint()
+                    display.test_acc = record["test_acc"]
+                    display.log(_eval_line(record))
+                if session.finished:
+                    break
+    summary = _summary(config, session.plan, session.metrics, session.meter.summary(), session.elapsed())
+    _write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    console.print(summary_table(summary))
+    return TrainResult(run_dir, session.model, session.metrics, summary)
+
+
+def _open_run(config: TrainConfig | None, resume) -> tuple[TrainConfig, Path, dict | None]:
+    """(config, run directory, checkpoint payload or None) for a fresh or a resumed run."""
+    from fracfx.runtime.checkpoint import load_checkpoint
+
+    if resume is None:
+        if config is None:
+            raise ConfigError("train() needs a TrainConfig (or resume=RUN_DIR)")
+        run_dir = Path(config.save_folder)
+        if (run_dir / CHECKPOINT).exists():
+            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, or choose another --save_folder")
+        return config, run_dir, None
+    path = resolve_checkpoint(resume)
+    state = load_checkpoint(path)
+    if state.get("kind") != RUN_KIND:
+        raise CheckpointError(f"{path} is a fracfx checkpoint but not of a training run (kind {state.get('kind')!r})")
+    saved = TrainConfig.from_dict(state["config"])
+    if config is not None:
+        _check_same_config(saved, config)
+        defaults = TrainConfig(method=config.method)
+        saved = saved.replace(**{k: getattr(config, k) for k in RESUME_OVERRIDABLE if getattr(config, k) != getattr(defaults, k)})
+    return saved, path.parent, state
+
+
+def _fresh_window() -> dict[str, float | int]:
+    return {"loss": 0.0, "correct": 0, "samples": 0, "steps": 0}
+
+
+class _Session:
+    """The live objects of one run; payload() and restore() are its checkpoint."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path):
+        from fracfx.data import build_loaders
+        from fracfx.models import build_model
+
+        self.config, self.run_dir = config, run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(config.device)
+        seed_everything(config.seed)
+        self.train_loader, self.test_loader, self.info = build_loaders(
+            config.dataset, datadir=config.datadir, batch_size=config.batch_size, test_batch_size=config.test_batch_size,
+            workers=config.workers, seed=config.seed, download=config.download,
+            train_subset=config.train_subset, test_subset=config.test_subset,
+        )
+        self.plan = plan_run(config, self.train_loader.batch_sampler.batches_per_epoch)
+        size = self.info.input_size
+        float_model = build_model(config.arch, num_classes=self.info.num_classes, in_channels=self.info.in_channels, input_size=(size, size))
+        self.method = get_method(config.method)(config, self.plan)
+        self.model = self.method.build(float_model, torch.zeros(2, self.info.in_channels, size, size)).to(self.device)
+        self.model.train()
+        self.meter = self.method.cost_meter()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(self.plan.lr_milestones), gamma=config.lr_gamma)
+        self.iteration, self.metrics, self.window = 0, [], _fresh_window()
+        self._elapsed_before, self._started = 0.0, time.perf_counter()
+
+    @property
+    def finished(self) -> bool:
+        return self.iteration >= self.plan.iterations
+
+    @property
+    def train_acc(self) -> float:
+        return 100.0 * self.window["correct"] / max(self.window["samples"], 1)
+
+    def elapsed(self) -> float:
+        return self._elapsed_before + (time.perf_counter() - self._started)
+
+    def start(self) -> None:
+        (self.run_dir / METRICS).unlink(missing_ok=True)
+        _write_atomic(self.run_dir / CONFIG, json.dumps(
+            {"config": self.config.to_dict(), "plan": dataclasses.asdict(self.plan), "dataset": self.info.to_dict(),
+             "method_help": self.method.help, "torch": torch.__version__}, indent=2, sort_keys=True) + "\n")
+
+    def step(self, index: int, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """One training iteration; returns its cross-entropy."""
+        if index != self.iteration:
+            raise RuntimeError(f"data stream at iteration {index}, training at {self.iteration}")
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        outputs = self.model(inputs)
+        ce = F.cross_entropy(outputs, targets)
+        loss = self.method.loss(outputs, targets, ce)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.meter.step(len(targets))  # at the bits in force during this step
+        ce_value = float(ce.detach())
+        self.method.after_step(ce_value)  # a switch decided here applies from the next step
+        self.iteration += 1
+        self.window["loss"] += ce_value * len(targets)
+        self.window["correct"] += int((outputs.detach().argmax(1) == targets).sum())
+        self.window["samples"] += len(targets)
+        self.window["steps"] += 1
+        return ce_value
+
+    def evaluate_and_checkpoint(self) -> dict:
+        """Evaluate, append the metrics record, checkpoint (atomically), then log the line."""
+        from fracfx.runtime.checkpoint import save_checkpoint
+
+        test_loss, test_acc = evaluate(self.model, self.test_loader, self.device)
+        record = _metrics_record(self.iteration, self.plan, self.window, test_loss, test_acc, self.lr_schedule,
+                                 self.method.precision(), self.meter.summary())
+        record[TIMING_KEY] = {"elapsed_s": round(self.elapsed(), 3), "unix_time": round(time.time(), 3)}
+        self.metrics.append(record)
+        self.window = _fresh_window()
+        save_checkpoint(self.run_dir / CHECKPOINT, self.payload())
+        # After the checkpoint: a crash in between is repaired by restore(), which rewrites
+        # metrics.jsonl from the checkpoint's own list.
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as handle:
+            handle.write(_json_line(record))
+        return record
+
+    def payload(self) -> dict[str, Any]:
+        per_epoch = self.plan.batches_per_epoch
+        return {
+            "kind": RUN_KIND, "finished": self.finished, "iteration": self.iteration,
+            "config": self.config.to_dict(), "plan": dataclasses.asdict(self.plan),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(), "method": self.method.state_dict(),
+            "cost": self.meter.state_dict(), "rng": rng_state(),
+            "data": {"seed": self.config.seed, "epoch": self.iteration // per_epoch, "batch": self.iteration % per_epoch},
+            "metrics": self.metrics, "accumulators": dict(self.window), "elapsed_s": self.elapsed(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if _plain(state["plan"]) != _plain(dataclasses.asdict(self.plan)):
+            raise CheckpointError(
+                f"the checkpoint was planned as {state['plan']} but this data gives {dataclasses.asdict(self.plan)}; "
+                "resume with the same dataset, subset and batch size"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.method.load_state_dict(state["method"])
+        self.meter.load_state_dict(state["cost"])
+        set_rng_state(state["rng"])
+        self.iteration, self.metrics = int(state["iteration"]), list(state["metrics"])
+        self.window = dict(state["accumulators"])
+        self._elapsed_before, self._started = float(state.get("elapsed_s", 0.0)), time.perf_counter()
+        # Lines written after the checkpoint belong to iterations that will be redone.
+        _write_atomic(self.run_dir / METRICS, "".join(_json_line(m) for m in self.metrics))
+
+
+def _plain(value):
+    """Tuples as lists, recursively: how a plan compares after a round trip through a checkpoint."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_same_config(saved: TrainConfig, given: TrainConfig) -> None:
+    defaults = TrainConfig(method=given.method)
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(given, field.name)
+        if field.name in RESUME_OVERRIDABLE:
+            continue
+        if field.name == "options":
+            for key, option_value in value.items():
+                if option_value != defaults.options.get(key) and option_value != saved.options.get(key):
+                    raise ConfigError(f"--{key} {option_value!r} differs from the resumed run's {saved.options.get(key)!r}; a resumed run keeps its config")
+            continue
+        if value != getattr(defaults, field.name) and value != getattr(saved, field.name):
+            raise ConfigError(
+                f"--{field.name} {value!r} differs from the resumed run's {getattr(saved, field.name)!r}; "
+                "a resumed run keeps the config it started with (drop the flag, or start a new run)"
+            )
+
+
+def _metrics_record(iteration, plan, window, test_loss, test_acc, lr_schedule, precision: Precision, cost: dict) -> dict:
+    samples = max(window["samples"], 1)
+    return {
+        "iteration": iteration,
+        "epoch": iteration / plan.batches_per_epoch,
+        "lr": lr_schedule.get_last_lr()[0],
+        "train_loss": window["loss"] / samples,
+        "train_acc": 100.0 * window["correct"] / samples,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "stage": precision.stage,
+        "bits": {"act": precision.act, "weight": precision.weight, "grad": precision.grad},
+        "turning_points": list(precision.turning_points),
+        "method_state": precision.extra,
+        "effective_macs": cost["effective_macs"],
+        "fp32_effective_macs": cost["fp32_effective_macs"],
+        "sbm_effective_macs": cost["sbm_effective_macs"],
+        "cost_vs_fp32": cost["ratio_vs_fp32"],
+        "cost_vs_sbm": cost["ratio_vs_sbm"],
+    }
+
+
+def _eval_line(record: dict) -> str:
+    stage = "" if record["stage"] is None else f" stage {record['stage']}"
+    b = record["bits"]
+    return (
+        f"iter {record['iteration']:>6}  epoch {record['epoch']:.2f}  train loss {record['train_loss']:.4f}  "
+        f"test acc {record['test_acc']:.2f}%{stage}  bits A{b['act']}/W{b['weight']}/G{b['grad']}  "
+        f"cost {100 * record['cost_vs_sbm']:.1f}% of static 8-bit"
+    )
+
+
+def _summary(config: TrainConfig, plan: Plan, metrics: list[dict], cost: dict, elapsed: float) -> dict:
+    last = metrics[-1] if metrics else {}
+    return {
+        "method": config.method,
+        "arch": config.arch,
+        "dataset": config.dataset,
+        "iterations": plan.iterations,
+        "final_test_acc": last.get("test_acc"),
+        "best_test_acc": max((m["test_acc"] for m in metrics), default=None),
+        "final_train_loss": last.get("train_loss"),
+        "turning_points": last.get("turning_points", []),
+        "final_bits": last.get("bits"),
+        **{k: cost[k] for k in ("effective_macs", "fp32_effective_macs", "sbm_effective_macs", "ratio_vs_fp32", "ratio_vs_sbm")},
+        "savings_vs_sbm": 1.0 - cost["ratio_vs_sbm"],
+        "savings_vs_fp32": 1.0 - cost["ratio_vs_fp32"],
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def summary_table(summary: dict):
+    from rich.table import Table
+
+    table = Table(title=f"fracfx train: {summary['method']} {summary['arch']} on {summary['dataset']}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    acc = summary["final_test_acc"]
+    rows = [
+        ("iterations", f"{summary['iterations']}"),
+        ("final test accuracy", "-" if acc is None else f"{acc:.2f} %"),
+        ("best test accuracy", "-" if summary["best_test_acc"] is None else f"{summary['best_test_acc']:.2f} %"),
+        ("turning points (iteration)", ", ".join(map(str, summary["turning_points"])) or "-"),
+        ("effective MACs", f"{summary['effective_macs']:.4g}"),
+        ("vs FP32 training", f"{100 * summary['ratio_vs_fp32']:.2f} %"),
+        ("vs static 8-bit training", f"{100 * summary['ratio_vs_sbm']:.2f} %  (saves {100 * summary['savings_vs_sbm']:.1f} %)"),
+        ("wall time", f"{summary['elapsed_s']:.0f} s"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+class _Display:
+    """A rich live progress bar on a terminal; plain lines at each evaluation otherwise."""
+
+    def __init__(self, console, total: int, start: int, *, enabled: bool | None, title: str):
+        self.console = console
+        self.enabled = console.is_terminal if enabled is None else enabled
+        self.total, self.start, self.title = total, start, title
+        self.progress = None
+        self.test_acc: float | None = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console, transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task(self.title, total=self.total, completed=self.start, status="")
+        else:
+            self.console.print(f"{self.title}: {self.total} iterations" + (f", resuming at {self.start}" if self.start else ""))
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+    def update(self, iteration: int, loss: float, train_acc: float, precision: Precision, cost: dict) -> None:
+        if self.progress is None:
+            return
+        test = "" if self.test_acc is None else f"  test acc {self.test_acc:.2f}%"
+        status = (f"loss {loss:.3f}  train acc {train_acc:.1f}%{test}  {precision.label}  "
+                  f"cost {100 * cost['ratio_vs_sbm']:.0f}% of 8-bit")
+        self.progress.update(self.task, completed=iteration, status=status)
+
+    def log(self, line: str) -> None:
+        (self.progress.console if self.progress is not None else self.console).print(line, highlight=False, soft_wrap=True)

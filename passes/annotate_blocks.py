@@ -1,0 +1,228 @@
+"""annotate_blocks (policy): find the regions DFQ gates and mark them on the graph.
+
+A region is one call of a submodule: the nodes whose nn_module_stack holds that call. By default
+the gated regions are residual blocks, recognised from the graph alone (no names, no types):
+  - the body has one tensor input x (parameters aside) and one output value;
+  - the output is an add, possibly followed by single-input non-compute ops (ReLU, dropout);
+  - one operand of that add is x itself (identity shortcut), or both operands are computed in
+    the body on disjoint paths that fork at x, and the shortcut is the one with fewer compute
+    ops (a strided 1x1 projection conv + BN, or option-A slicing and padding), so downsampling
+    blocks are gated too;
+  - the body holds at least one quantized op.
+A stage (Sequential) of blocks never qualifies (its add's operands share ancestors); if two
+detected regions nest, the inner one is gated (one decision per op).
+block_types (class names) or block_globs (fnmatch globs on module paths; `*` crosses dots)
+replace the detection; of nested named regions the outer one is gated ("layer2.*" gates the
+blocks, not also their downsample Sequentials). Such regions need one tensor input and one
+output, and support "skip" only if they are residual too.
+
+Marks (fracfx.meta): BlockSpec on each compute node in a block; BlockPort("input" | "shortcut" |
+"output") on the nodes carrying those values. Runs on the captured graph, before insert_quant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import operator
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from fracfx.errors import ConfigError, PassError, UnsupportedGraphError
+from fracfx.meta import BlockPort, BlockSpec, add_block_port, get_inserted, get_quant_spec, set_block
+from fracfx.passes.infra import copy_graph, rebuild
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+_OVERRIDE_HINT = (
+    "name the gated regions yourself: DFQConfig(block_types=('MyBlock',)) for a module class, or "
+    "DFQConfig(block_globs=('layer*.*',)) for module paths"
+)
+
+
+@dataclasses.dataclass
+class _Region:
+    path: str
+    type_name: str
+    depth: int  # position in nn_module_stack: deeper calls have larger depth
+    nodes: list[fx.Node]
+    x: fx.Node | None = None
+    out: fx.Node | None = None
+    shortcut: fx.Node | None = None
+
+
+def _type_name(cls) -> str:
+    if isinstance(cls, type):
+        return cls.__name__
+    return str(cls).rsplit(".", 1)[-1].strip("'>")
+
+
+def _collect_regions(graph: fx.Graph) -> list[_Region]:
+    regions: dict[str, _Region] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for depth, (key, value) in enumerate(stack.items()):
+            path, cls = value if isinstance(value, tuple) else (str(value), None)
+            regions.setdefault(key, _Region(path, _type_name(cls), depth, [])).nodes.append(node)
+    leaf = lambda r: all(n.op == "call_module" and n.target == r.path for n in r.nodes)
+    return [r for r in regions.values() if not leaf(r)]
+
+
+def _find_ports(region: _Region) -> tuple[list[fx.Node], list[fx.Node]]:
+    body = set(region.nodes)
+    inputs: list[fx.Node] = []
+    for node in region.nodes:
+        for arg in node.all_input_nodes:
+            if arg not in body and arg.op != "get_attr" and arg not in inputs:
+                inputs.append(arg)
+    outputs = [n for n in region.nodes if any(user not in body for user in n.users)]
+    return inputs, outputs
+
+
+def _is_compute(node: fx.Node) -> bool:
+    return get_quant_spec(node) is not None
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return node.kwargs.get("alpha", 1) == 1
+    return node.op == "call_method" and node.target in _ADD_METHODS and node.kwargs.get("alpha", 1) == 1
+
+
+def _ancestors(node: fx.Node, body: set[fx.Node]) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in body:
+            continue
+        seen.add(current)
+        todo.extend(current.all_input_nodes)
+    return seen
+
+
+def _residual_shortcut(region: _Region) -> fx.Node | None:
+    """The add's shortcut operand if the region is a residual block, else None."""
+    body, x = set(region.nodes), region.x
+    node = region.out
+    while not _is_add(node):  # walk back over trailing ReLU-like ops
+        inner = [a for a in node.all_input_nodes if a in body]
+        if _is_compute(node) or len(inner) != 1:
+            return None
+        node = inner[0]
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2:
+        return None
+    a, b = operands
+    if (a is x) != (b is x):  # identity shortcut
+        branch = b if a is x else a
+        return x if branch in body else None
+    if a not in body or b not in body:
+        return None
+    ancestors_a, ancestors_b = _ancestors(a, body), _ancestors(b, body)
+    if ancestors_a & ancestors_b:
+        return None
+    for ancestors in (ancestors_a, ancestors_b):
+        if not any(x in n.all_input_nodes for n in ancestors):
+            return None
+    count_a = sum(map(_is_compute, ancestors_a))
+    count_b = sum(map(_is_compute, ancestors_b))
+    if count_a == count_b:
+        return None  # no way to tell the branch from the shortcut
+    return a if count_a < count_b else b
+
+
+def _has_quantized_op(region: _Region) -> bool:
+    return any((spec := get_quant_spec(n)) is not None and spec.quantize for n in region.nodes)
+
+
+def _select(regions: list[_Region], block_types: Sequence[str], block_globs: Sequence[str]) -> list[_Region]:
+    override = bool(block_types or block_globs)
+    chosen = []
+    for region in regions:
+        named = region.type_name in block_types or any(fnmatch.fnmatchcase(region.path, g) for g in block_globs)
+        if override and not named:
+            continue
+        inputs, outputs = _find_ports(region)
+        if len(inputs) != 1 or len(outputs) != 1:
+            if override:
+                raise UnsupportedGraphError(
+                    f"gated region '{region.path}' ({region.type_name}) has {len(inputs)} tensor inputs and "
+                    f"{len(outputs)} outputs; a gate needs exactly one of each: choose a module that takes one "
+                    f"feature map and returns one, or {_OVERRIDE_HINT}"
+                )
+            continue
+        region.x, region.out = inputs[0], outputs[0]
+        region.shortcut = _residual_shortcut(region)
+        if (override or region.shortcut is not None) and _has_quantized_op(region):
+            chosen.append(region)
+    if override:  # the user named these regions: a named region swallows named parts of it
+        return [r for r in chosen if not any(_nested_in(r, s) for s in chosen if s is not r)]
+    return [r for r in chosen if not any(_nested_in(s, r) for s in chosen if s is not r)]
+
+
+def _nested_in(inner: _Region, outer: _Region) -> bool:
+    a, b = set(inner.nodes), set(outer.nodes)
+    return a < b or (a == b and inner.depth > outer.depth)
+
+
+class _InputShapes(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted, self.shapes = wanted, {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n in self.wanted and isinstance(value, torch.Tensor):
+            self.shapes[n] = tuple(value.shape[1:])
+        return value
+
+
+def _input_shapes(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs) -> dict[fx.Node, tuple[int, ...]]:
+    recorder = _InputShapes(gm, nodes)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            recorder.run(*example_inputs)
+    except Exception as error:
+        raise ConfigError(f"running the model on example_inputs failed ({type(error).__name__}: {error}); pass inputs the model accepts") from error
+    finally:
+        gm.train(was_training)
+    return recorder.shapes
+
+
+def annotate_blocks(
+    gm: fx.GraphModule,
+    /,
+    *,
+    example_inputs: Sequence[torch.Tensor],
+    block_types: Sequence[str] = (),
+    block_globs: Sequence[str] = (),
+) -> fx.GraphModule:
+    """Return a copy of gm with its gated blocks marked (see the module docstring)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if any(get_inserted(n) is not None for n in gm.graph.nodes):
+        raise PassError("annotate_blocks must run before insert_quant (it reads the model's own module structure)")
+    graph, _ = copy_graph(gm)
+    out = rebuild(gm, graph)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    blocks = sorted(_select(_collect_regions(graph), tuple(block_types), tuple(block_globs)), key=lambda r: order[r.nodes[0]])
+    if not blocks:
+        found = "no module matched block_types/block_globs" if (block_types or block_globs) else "no residual block was found"
+        raise UnsupportedGraphError(f"DFQ has nothing to gate: {found} (a gated block must contain a quantized op); {_OVERRIDE_HINT}")
+    shapes = _input_shapes(out, {b.x for b in blocks}, example_inputs)
+    for index, region in enumerate(blocks):
+        if region.x not in shapes:
+            raise UnsupportedGraphError(f"the input of block '{region.path}' is not a tensor; {_OVERRIDE_HINT}")
+        spec = BlockSpec(index, region.path, region.type_name, shapes[region.x], region.shortcut is not None)
+        for node in region.nodes:
+            if _is_compute(node):
+                set_block(node, spec)
+        add_block_port(region.x, BlockPort("input", spec))
+        if region.shortcut is not None:
+            add_block_port(region.shortcut, BlockPort("shortcut", spec))
+        add_block_port(region.out, BlockPort("output", spec))
+    return out

@@ -1,0 +1,166 @@
+"""freeze_precision: a trained transformed GraphModule -> one fixed-precision, eval-only model.
+
+    ActQuant(x)               -> FrozenActQuant(x)   running range, integer zero point
+    WeightQuant(get_attr W)   -> FrozenWeight()      pre-quantized integer codes per channel
+    GradQuant(y)              -> y                   removed: a frozen model has no backward
+
+The result is exactly what the exported ONNX computes (see fracfx.frozen): activations use the
+running ranges (eval semantics), the grid offset lo is moved onto an integer zero point
+(fracfx.frozen.integer_grid), weights are quantized once from the FP32 master weights.
+
+Inserted nodes are dispatched on their Inserted.role through FREEZERS. Nodes that are no longer
+used afterwards (a DFQ gate subgraph whose masks fed only quantizers) are removed as dead code;
+an inserted node of a role without a freezer that is still used is an ExportError naming it, and
+a later pass (gates) registers its roles in FREEZERS. bits=(a, w) overrides every quantizer, which
+is how a DFQ model (per-sample bits) is frozen at one precision.
+
+The output shares nothing with the input: it is a deep copy, in eval mode, without gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fracfx.bits import FP32, check_bits
+from fracfx.errors import ExportError
+from fracfx.frozen import FrozenActQuant, FrozenWeight, integer_grid, quantize_codes
+from fracfx.meta import FROZEN, FrozenQuant, get_inserted
+from fracfx.modules import QUANTIZER_TYPES
+from fracfx.passes.infra import copy_graph, rebuild
+from fracfx.quant import channel_range
+
+
+@dataclasses.dataclass
+class Freezing:
+    """What a freezer may read (gm, bits) and write (modules, records)."""
+
+    gm: fx.GraphModule
+    graph: fx.Graph
+    bits: tuple[int, int] | None
+    modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    records: list[FrozenQuant] = dataclasses.field(default_factory=list)
+
+    def bits_for(self, node: fx.Node, module: nn.Module, index: int) -> int:
+        if self.bits is not None:
+            return self.bits[index]
+        if not hasattr(module, "current_bits"):
+            raise ExportError(
+                f"node {node.name} ({node.target}, {type(module).__name__}) has no single bit width "
+                "(per-sample bits?); freeze it at one precision with freeze(gm, bits=(act_bits, weight_bits))"
+            )
+        return module.current_bits
+
+    def replace_with(self, node: fx.Node, module: nn.Module, args: tuple) -> fx.Node:
+        self.modules[node.target] = module
+        with self.graph.inserting_before(node):
+            new = self.graph.call_module(node.target, args)
+        new.meta.update(node.meta)
+        return new
+
+    def record(self, node: fx.Node, role: str, bits: int, lo, scale, zero_point, extended) -> None:
+        shift = ((-zero_point.float() * scale - lo.float()).abs() / scale).max().item()
+        serves = getattr(get_inserted(node), "serves", "")
+        self.records.append(FrozenQuant(str(node.target), role, serves, bits, shift, int(extended.sum())))
+
+
+def _freeze_act(ctx: Freezing, node: fx.Node):
+    module = ctx.gm.get_submodule(node.target)
+    bits = ctx.bits_for(node, module, 0)
+    x = node.args[0]
+    if bits == FP32:
+        return x
+    lo, rng = getattr(module, "running_lo", None), getattr(module, "running_range", None)
+    if lo is None or rng is None:
+        raise ExportError(f"node {node.name} ({type(module).__name__}) keeps no running range; it cannot be frozen")
+    if not (torch.isfinite(lo) and torch.isfinite(rng)) or rng < 0:
+        raise ExportError(f"node {node.name} ({node.target}) has a broken running range (lo={lo.item()}, range={rng.item()}); recalibrate it")
+    if rng == 0 and lo == 0:
+        raise ExportError(
+            f"node {node.name} ({node.target}) has no activation range: it never ran in training mode. "
+            "Train the model, or calibrate it first with fracfx.export.calibrate(gm, batches)"
+        )
+    scale, zero_point, extended = integer_grid(lo, rng, bits)
+    ctx.record(node, "act_quant", bits, lo, scale, zero_point, extended)
+    return ctx.replace_with(node, FrozenActQuant(bits, scale, zero_point), (x,))
+
+
+def _freeze_weight(ctx: Freezing, node: fx.Node):
+    module = ctx.gm.get_submodule(node.target)
+    bits = ctx.bits_for(node, module, 1)
+    source = node.args[0]
+    if bits == FP32:
+        return source
+    if not isinstance(source, fx.Node) or source.op != "get_attr":
+        raise ExportError(
+            f"node {node.name} quantizes a weight computed in the graph ({source}), not a parameter; "
+            "freeze needs a constant weight: compute it once into an nn.Parameter before transform()"
+        )
+    owner, _, name = source.target.rpartition(".")
+    weight = getattr(ctx.gm.get_submodule(owner) if owner else ctx.gm, name).detach()
+    axis = getattr(module, "axis", 0)
+    lo, rng = channel_range(weight, axis)
+    scale, zero_point, extended = integer_grid(lo, rng, bits)
+    codes = quantize_codes(weight.float(), scale, zero_point, bits)
+    ctx.record(node, "weight_quant", bits, lo, scale, zero_point, extended)
+    return ctx.replace_with(node, FrozenWeight(bits, codes, scale, zero_point, axis), ())
+
+
+def _strip(ctx: Freezing, node: fx.Node):
+    return node.args[0]
+
+
+FREEZERS: dict[str, Callable[[Freezing, fx.Node], object]] = {
+    "act_quant": _freeze_act,
+    "weight_quant": _freeze_weight,
+    "grad_quant": _strip,
+}
+
+
+def _remove_unused(graph: fx.Graph) -> None:
+    """Dead-code elimination; every node here is side-effect free (fx's own DCE needs an owning module)."""
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("placeholder", "output") and not node.users:
+            graph.erase_node(node)
+
+
+def is_frozen(gm: nn.Module) -> bool:
+    """True for the output of freeze_precision (and of fracfx.freeze)."""
+    return isinstance(gm, fx.GraphModule) and FROZEN in gm.meta
+
+
+def freeze_precision(gm: fx.GraphModule, /, *, bits: tuple[int | None, int | None] | None = None) -> fx.GraphModule:
+    """Return a fixed-precision, eval-only copy of a transformed GraphModule (module docstring)."""
+    if bits is not None:
+        if len(tuple(bits)) != 2:
+            raise ExportError(f"bits must be (act_bits, weight_bits), got {bits!r}")
+        bits = (check_bits(bits[0], "act bits"), check_bits(bits[1], "weight bits"))
+    graph, _ = copy_graph(gm)
+    ctx = Freezing(gm, graph, bits)
+    for node in list(graph.nodes):
+        inserted = get_inserted(node)
+        freezer = FREEZERS.get(inserted.role) if inserted is not None else None
+        if freezer is None:
+            continue
+        node.replace_all_uses_with(freezer(ctx, node))
+        graph.erase_node(node)
+    _remove_unused(graph)
+    for node in graph.nodes:
+        inserted = get_inserted(node)
+        if inserted is not None and inserted.role not in FREEZERS:
+            raise ExportError(
+                f"node {node.name} (role {inserted.role!r}) has no freezer and is still used; freeze at one "
+                "precision with bits=(a, w), or register a freezer in fracfx.passes.freeze_precision.FREEZERS"
+            )
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QUANTIZER_TYPES) and node.target not in ctx.modules:
+            raise ExportError(f"node {node.name} ({node.target}) is a quantizer without fracfx meta; transform the model with fracfx.transform")
+    out = copy.deepcopy(rebuild(gm, graph, ctx.modules))
+    out.meta[FROZEN] = tuple(ctx.records)
+    out.eval()
+    out.requires_grad_(False)
+    return out

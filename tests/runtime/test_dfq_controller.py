@@ -1,0 +1,169 @@
+"""DFQController (cost term, cp, usage, state) and FracTrainScheduler."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fracfx
+from fracfx.config import CIFAR_CANDIDATES, IMAGENET_CANDIDATES
+from fracfx.errors import ConfigError
+from fracfx.gates import GateChoice
+from fracfx.models.cifar_resnet import cifar_resnet20
+from fracfx.runtime import DFQController, FracTrainScheduler
+
+EXAMPLE = torch.randn(2, 3, 16, 16)
+
+
+def dfq(model, **options):
+    return fracfx.transform(model, fracfx.DFQConfig(**options), example_inputs=EXAMPLE)
+
+
+def force(gm, index):
+    head = gm.get_submodule("fracfx_gate.head")
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[index] = 10.0
+
+
+def block_macs(model):
+    """MACs per sample of the convs in each residual block of a CIFAR ResNet, from hooks."""
+    macs, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and name.startswith("layer"):
+            block = ".".join(name.split(".")[:2])
+            def hook(m, inputs, out, block=block):
+                macs[block] = macs.get(block, 0) + out[0].numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model.eval()(EXAMPLE[:1])
+    for h in hooks:
+        h.remove()
+    return macs
+
+
+def gate_masks(gm):
+    return [m.last_mask for m in gm.modules() if isinstance(m, GateChoice)]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    model = cifar_resnet20()
+    return model, dfq(model, candidates=CIFAR_CANDIDATES + ("skip", "fp32"))
+
+
+def test_cp_of_every_candidate_matches_the_fractrain_table(resnet):
+    _, gm = resnet
+    controller = DFQController(gm, target_ratio=3.0)
+    for index, expected in enumerate([1.758, 2.083, 2.604, 3.385, 4.688, 0.0, 100.0]):
+        force(gm, index)
+        gm.train()(torch.randn(2, 3, 16, 16))
+        assert controller.cp == pytest.approx(expected, abs=5e-4), index
+    imagenet = dfq(cifar_resnet20(), weight_bits=6, candidates=IMAGENET_CANDIDATES)
+    controller = DFQController(imagenet, target_ratio=3.0)
+    for index, expected in enumerate([2.344, 3.385, 5.859, 8.854]):
+        force(imagenet, index)
+        imagenet(torch.randn(1, 3, 16, 16))
+        assert controller.cp == pytest.approx(expected, abs=5e-4), index
+
+
+def bitops(candidate, w=4):
+    a, g = candidate
+    return a * w + g * w + a * g
+
+
+def test_mixed_choices_cost_uses_real_macs_and_the_actual_batch(resnet):
+    model, _ = resnet
+    gm = dfq(model)
+    with torch.no_grad():
+        gm.get_submodule("fracfx_gate.head").weight.mul_(300.0)
+    x = torch.randn(5, 3, 16, 16) * torch.arange(1, 6).view(5, 1, 1, 1)
+    gm.train()(x)
+    controller = DFQController(gm, target_ratio=0.0)
+    macs = block_macs(model)
+    assert macs["layer2.0"] != macs["layer1.0"]  # blocks are not weighted equally
+    total = 0.0
+    for block, mask in zip(sorted(macs), gate_masks(gm)):
+        total += sum(macs[block] * bitops(CIFAR_CANDIDATES[k]) for k in mask.argmax(1).tolist())
+    expected = 100 * total / (5 * 3 * 1024 * sum(macs.values()))
+    assert controller.cp == pytest.approx(expected, rel=1e-6)
+    assert controller.total_macs == sum(macs.values())
+
+
+def test_cost_loss_sign_band_and_gradient_through_the_masks(resnet):
+    model, _ = resnet
+    gm = dfq(model)
+    force(gm, 2)  # (4, 8): cp = 2.604
+    gm.train()(torch.randn(2, 3, 16, 16))
+    masks = gate_masks(gm)
+    for mask in masks:
+        mask.retain_grad()
+    controller = DFQController(gm, target_ratio=3.0, beta=1e-3)
+    loss = controller.cost_loss()
+    loss.backward(retain_graph=True)
+    macs = block_macs(model)
+    scale = -1e-3 / (1024 * sum(macs.values()) / len(macs))  # r = -1 below the target
+    for block, mask in zip(sorted(macs), masks):
+        expected = torch.tensor([scale * macs[block] * bitops(c) for c in CIFAR_CANDIDATES])
+        assert torch.allclose(mask.grad, expected.expand(2, 5), rtol=1e-5)
+    # value: r * beta * C / (1024 * mean block MACs), C summed over samples
+    assert loss.item() == pytest.approx(scale * 2 * sum(macs.values()) * bitops((4, 8)), rel=1e-5)
+    assert DFQController(gm, target_ratio=2.0).cost_loss().item() == pytest.approx(-loss.item(), rel=1e-6)
+    assert DFQController(gm, target_ratio=2.604, relax=0.5).cost_loss().item() == 0.0
+    banded = DFQController(gm, target_ratio=2.5, relax=0.5, band_sign=0.1).cost_loss().item()
+    assert banded == pytest.approx(-0.1 * loss.item(), rel=1e-6)
+
+
+def test_usage_counts_and_state_dict_round_trip(resnet):
+    _, gm = resnet
+    controller = DFQController(gm, target_ratio=3.0)
+    force(gm, 3)
+    gm(torch.randn(3, 3, 16, 16))
+    controller.cost_loss()
+    controller.cost_loss()  # the same forward is counted once
+    force(gm, 5)
+    gm(torch.randn(1, 3, 16, 16))
+    controller.observe()
+    usage = controller.usage
+    assert list(usage) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+    assert all(u == {"a3g6": 0, "a4g6": 0, "a4g8": 0, "a6g8": 3, "a6g12": 0, "skip": 1, "fp32": 0} for u in usage.values())
+    state = json.loads(json.dumps(controller.state_dict()))
+    controller.target_ratio = 4.5
+    fresh = DFQController(gm, target_ratio=1.0)
+    fresh.load_state_dict(state)
+    assert fresh.usage == usage and fresh.target_ratio == 3.0 and fresh.last_cp == 0.0
+    with pytest.raises(ConfigError, match="beta"):
+        DFQController(gm, target_ratio=1.0, beta=1.0).load_state_dict(state)
+    fresh.reset_usage()
+    assert all(sum(u.values()) == 0 for u in fresh.usage.values())
+
+
+def test_fractrain_raises_the_target_at_each_plateau(resnet):
+    _, gm = resnet
+    controller = DFQController(gm, target_ratio=1.5)
+    scheduler = FracTrainScheduler(controller, target_ratio_step=0.5, window=2, initial_threshold=0.05)
+    targets = []
+    for _ in range(40):
+        scheduler.step(1.0)  # a flat loss: a turning point every 5 windows (10 iterations), 3 in all
+        targets.append(controller.target_ratio)
+    # the switch decided at iteration 10 (index 9) is in force from iteration 11 on
+    assert targets[8:10] == [1.5, 2.0] and targets[18:20] == [2.0, 2.5] and targets[28:30] == [2.5, 3.0]
+    assert targets[-1] == 3.0 and scheduler.stage == 3
+    state = json.loads(json.dumps(scheduler.state_dict()))
+    resumed = FracTrainScheduler(DFQController(gm, target_ratio=1.5), target_ratio_step=0.5, window=2)
+    resumed.load_state_dict(state)
+    assert resumed.stage == 3 and resumed.controller.target_ratio == 3.0
+
+
+def test_errors_say_what_to_do():
+    static = fracfx.transform(cifar_resnet20(), fracfx.QuantConfig(), example_inputs=EXAMPLE)
+    with pytest.raises(ConfigError, match="DFQConfig"):
+        DFQController(static, target_ratio=3.0)
+    gm = dfq(cifar_resnet20())
+    with pytest.raises(ConfigError, match="forward"):
+        DFQController(gm, target_ratio=3.0).cost_loss()
+    with pytest.raises(ConfigError, match="target_ratio"):
+        DFQController(gm, target_ratio=float("nan"))
