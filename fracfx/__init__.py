@@ -22,6 +22,7 @@ _EXPORTS = {
     # training, data and checkpoints (fracfx.train, fracfx.data, fracfx.runtime.checkpoint)
     "TrainConfig": "fracfx.train",
     "build_loaders": "fracfx.data",
+    "build_text_loaders": "fracfx.text_data",
     "save_checkpoint": "fracfx.runtime.checkpoint",
     "load_checkpoint": "fracfx.runtime.checkpoint",
     # configs

@@ -77,7 +77,7 @@ def attention_bias(query, attn_mask, key_padding_mask, num_heads: int, extra_key
         pad = pad[:, None, None, :] if batched else pad  # broadcast over heads and queries
         bias = pad if bias is None else bias + pad
     if bias is not None and extra_keys:
-        bias = bias
+        bias = F.pad(bias, (0, extra_keys))
     return bias
 
 

@@ -151,7 +151,8 @@ class ExportReport:
             "zero-point grid: lo moved by at most "
             f"{max((q.max_shift_steps for q in acts), default=0):.3f} steps (activations), "
             f"{max((q.max_shift_steps for q in weights), default=0):.3f} (weights); "
-            f"ranges widened to include 0: {sum(q.extended for q in self.quantizers)}",
+            f"channels widened to include 0: {sum(q.extended for q in self.quantizers)}"
+            f" (step grown up to x{max((q.max_step_growth for q in self.quantizers), default=1.0):.2f})",
         ]
         if self.freeze_deviation is not None:
             d = self.freeze_deviation

@@ -60,8 +60,9 @@ class FrozenQuant:
     """One quantizer as freeze_precision fixed it (the numbers themselves live in the module).
 
     max_shift_steps: how far moving lo onto the integer zero-point grid moved the grid, in steps
-    (max over channels; at most 0.5 unless the range was widened). extended: channels whose range
-    did not contain 0 and was widened to include it (their step grew).
+    (max over the channels not widened; at most 0.5). extended: channels whose range did not
+    contain 0 and was widened to include it; max_step_growth: their largest new step / old step
+    (1.0 when none was widened).
     """
 
     target: str  # submodule path of the frozen quantizer
@@ -70,6 +71,7 @@ class FrozenQuant:
     bits: int
     max_shift_steps: float
     extended: int
+    max_step_growth: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -73,7 +72,7 @@ class Option:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Everything that defines a training run. None means "derive it" (see resolve())."""
+    """Everything that defines a training run. None means "derive it" (see plan_run())."""
 
     method: str = "pfq"
     arch: str = "cifar_resnet38"
@@ -483,6 +482,7 @@ def train(
     resume: str | os.PathLike | None = None,
     progress: bool | None = None,
     console=None,
+    log_every: int = 0,
     crash_after: int | None = None,
 ) -> TrainResult:
     """Train (or resume) a run; returns the model, metrics and summary.
@@ -491,6 +491,8 @@ def train(
       config must agree with it (fields left at their defaults are not compared; `workers` and
       `device` may change).
     progress: None shows a live display only on a terminal.
+    log_every: without the live display, also print a short line every N iterations (0: only
+      at evaluations).
     crash_after: SIGKILL this process right after that iteration (tests of resume use it).
     """
     from rich.console import Console
@@ -504,7 +506,8 @@ def train(
         session.restore(state)
     else:
         session.start()
-    display = _Display(console, session.plan.iterations, session.iteration, enabled=progress, title=f"{config.method} {config.arch} {config.dataset}")
+    display = _Display(console, session.plan.iterations, session.iteration, enabled=progress,
+                       title=f"{config.method} {config.arch} {config.dataset}", log_every=log_every)
     with display:
         if not session.finished:
             for index, inputs, targets in train_batches(session.train_loader, session.iteration):
@@ -769,8 +772,8 @@ def summary_table(summary: dict):
 class _Display:
     """A rich live progress bar on a terminal; plain lines at each evaluation otherwise."""
 
-    def __init__(self, console, total: int, start: int, *, enabled: bool | None, title: str):
-        self.console = console
+    def __init__(self, console, total: int, start: int, *, enabled: bool | None, title: str, log_every: int = 0):
+        self.console, self.log_every = console, log_every
         self.enabled = console.is_terminal if enabled is None else enabled
         self.total, self.start, self.title = total, start, title
         self.progress = None
@@ -796,12 +799,16 @@ class _Display:
         return False
 
     def update(self, iteration: int, loss: float, train_acc: float, precision: Precision, cost: dict) -> None:
-        if self.progress is None:
+        plain = self.progress is None
+        if plain and not (self.log_every and iteration % self.log_every == 0):
             return
         test = "" if self.test_acc is None else f"  test acc {self.test_acc:.2f}%"
         status = (f"loss {loss:.3f}  train acc {train_acc:.1f}%{test}  {precision.label}  "
                   f"cost {100 * cost['ratio_vs_sbm']:.0f}% of 8-bit")
-        self.progress.update(self.task, completed=iteration, status=status)
+        if plain:
+            self.console.print(f"iter {iteration:>6}/{self.total}  {status}", highlight=False, soft_wrap=True)
+        else:
+            self.progress.update(self.task, completed=iteration, status=status)
 
     def log(self, line: str) -> None:
         (self.progress.console if self.progress is not None else self.console).print(line, highlight=False, soft_wrap=True)

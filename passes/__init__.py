@@ -5,5 +5,6 @@ from fracfx.passes.annotate_quant import annotate_quant
 from fracfx.passes.capture import capture_graph
 from fracfx.passes.insert_quant import insert_quant
 from fracfx.passes.infra import run_pipeline
+from fracfx.passes.replace_attention import replace_attention
 
-__all__ = ["capture_graph", "annotate_quant", "annotate_cost", "insert_quant", "run_pipeline"]
+__all__ = ["capture_graph", "replace_attention", "annotate_quant", "annotate_cost", "insert_quant", "run_pipeline"]

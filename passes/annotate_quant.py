@@ -29,6 +29,7 @@ _FUNCTION_KINDS = {
 }
 _METHOD_KINDS = {"matmul": "matmul", "bmm": "matmul", "mm": "matmul"}
 _LOOKUP_MODULES = (nn.Embedding, nn.EmbeddingBag)
+_ELEMENTWISE_MODULES = ("_operator", "operator", "torch", "torch.functional", "torch.nn.functional", "builtins")
 _HEAVY_FUNCTION_NAMES = {
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "einsum", "addmm", "baddbmm",
     "addbmm", "bilinear", "scaled_dot_product_attention", "multi_head_attention_forward",
@@ -49,7 +50,12 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_function":
         if node.target in _FUNCTION_KINDS:
             return _FUNCTION_KINDS[node.target]
-        if getattr(node.target, "__name__", "") in _HEAVY_FUNCTION_NAMES or _takes_weight(gm, node):
+        if getattr(node.target, "__name__", "") in _HEAVY_FUNCTION_NAMES:
+            return UNSUPPORTED
+        # a user or library function handed a weight matrix (e.g. torchvision swin's
+        # fx-wrapped window attention) computes with it; torch's own elementwise ops, indexing
+        # and lookups (x + pos_embedding, layer scale, F.embedding) do not count as compute
+        if getattr(node.target, "__module__", None) not in _ELEMENTWISE_MODULES and _takes_weight(gm, node):
             return UNSUPPORTED
     if node.op == "call_method" and node.target in _METHOD_KINDS:
         return _METHOD_KINDS[node.target]

@@ -33,7 +33,7 @@ from fracfx.frozen import FrozenActQuant, FrozenWeight, integer_grid, quantize_c
 from fracfx.meta import FROZEN, FrozenQuant, get_inserted
 from fracfx.modules import QUANTIZER_TYPES
 from fracfx.passes.infra import copy_graph, rebuild
-from fracfx.quant import channel_range
+from fracfx.quant import channel_range, qmax_of, scale_of
 
 
 @dataclasses.dataclass
@@ -63,10 +63,15 @@ class Freezing:
         new.meta.update(node.meta)
         return new
 
-    def record(self, node: fx.Node, role: str, bits: int, lo, scale, zero_point, extended) -> None:
-        shift = ((-zero_point.float() * scale - lo.float()).abs() / scale).max().item()
+    def record(self, node: fx.Node, role: str, bits: int, lo, rng, scale, zero_point, extended) -> None:
+        shift = (-zero_point.float() * scale - lo.float()).abs() / scale
+        kept = shift[~extended] if bool(extended.any()) else shift
+        growth = (scale / scale_of(rng.float(), qmax_of(bits))).max().item()
         serves = getattr(get_inserted(node), "serves", "")
-        self.records.append(FrozenQuant(str(node.target), role, serves, bits, shift, int(extended.sum())))
+        self.records.append(FrozenQuant(
+            str(node.target), role, serves, bits, max_shift_steps=kept.max().item() if kept.numel() else 0.0,
+            extended=int(extended.sum()), max_step_growth=growth,
+        ))
 
 
 def _freeze_act(ctx: Freezing, node: fx.Node):
@@ -86,7 +91,7 @@ def _freeze_act(ctx: Freezing, node: fx.Node):
             "Train the model, or calibrate it first with fracfx.export.calibrate(gm, batches)"
         )
     scale, zero_point, extended = integer_grid(lo, rng, bits)
-    ctx.record(node, "act_quant", bits, lo, scale, zero_point, extended)
+    ctx.record(node, "act_quant", bits, lo, rng, scale, zero_point, extended)
     return ctx.replace_with(node, FrozenActQuant(bits, scale, zero_point), (x,))
 
 
@@ -107,7 +112,7 @@ def _freeze_weight(ctx: Freezing, node: fx.Node):
     lo, rng = channel_range(weight, axis)
     scale, zero_point, extended = integer_grid(lo, rng, bits)
     codes = quantize_codes(weight.float(), scale, zero_point, bits)
-    ctx.record(node, "weight_quant", bits, lo, scale, zero_point, extended)
+    ctx.record(node, "weight_quant", bits, lo, rng, scale, zero_point, extended)
     return ctx.replace_with(node, FrozenWeight(bits, codes, scale, zero_point, axis), ())
 
 

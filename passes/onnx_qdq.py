@@ -37,12 +37,24 @@ def _const(name: str, array) -> TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def _lower_act(key: str, module: FrozenActQuant, x: str, y: str):
-    scale, zp, dq_scale = f"{key}.scale", f"{key}.zero_point", f"{key}.scale"
+class _UnitScales:
+    """Shared all-ones scale initializers (one per length) for centered DequantizeLinear nodes."""
+
+    def __init__(self):
+        self.made: dict[int, TensorProto] = {}
+
+    def __call__(self, length: int | None) -> str:
+        key = -1 if length is None else length
+        if key not in self.made:
+            value = np.float32(1.0) if length is None else np.ones(length, np.float32)
+            self.made[key] = _const("fracfx.unit_scale" + ("" if length is None else f".{length}"), value)
+        return self.made[key].name
+
+
+def _lower_act(key: str, module: FrozenActQuant, x: str, y: str, units: _UnitScales):
+    scale, zp = f"{key}.scale", f"{key}.zero_point"
     inits = [_const(scale, np.float32(module.scale.item())), _const(zp, np.uint8(int(module.zero_point)))]
-    if module.centered:
-        dq_scale = f"{key}.unit_scale"
-        inits.append(_const(dq_scale, np.float32(1.0)))
+    dq_scale = units(None) if module.centered else scale
     nodes = [helper.make_node("QuantizeLinear", [x, scale, zp], [f"{key}.q"], name=f"{key}/QuantizeLinear")]
     codes = f"{key}.q"
     if module.bits < 8:
@@ -54,17 +66,14 @@ def _lower_act(key: str, module: FrozenActQuant, x: str, y: str):
     return nodes, inits
 
 
-def _lower_weight(key: str, module: FrozenWeight, y: str, fmt: str):
+def _lower_weight(key: str, module: FrozenWeight, y: str, fmt: str, units: _UnitScales):
     dtype, _ = _CODE_DTYPES[fmt]
     codes, scale, zp = f"{key}.codes", f"{key}.scale", f"{key}.zero_point"
-    scales = np.ones_like(module.scale.numpy()) if module.centered else module.scale.numpy()
+    inits = [_const(codes, module.codes.numpy().astype(dtype)), _const(zp, module.zero_point.numpy().astype(dtype))]
     if module.centered:
-        scale = f"{key}.unit_scale"
-    inits = [
-        _const(codes, module.codes.numpy().astype(dtype)),
-        _const(scale, scales.astype(np.float32)),
-        _const(zp, module.zero_point.numpy().astype(dtype)),
-    ]
+        scale = units(module.scale.numel())
+    else:
+        inits.append(_const(scale, module.scale.numpy().astype(np.float32)))
     node = helper.make_node("DequantizeLinear", [codes, scale, zp], [y], name=f"{key}/DequantizeLinear", axis=module.axis)
     return [node], inits
 
@@ -90,7 +99,7 @@ def lower_markers(model: onnx.ModelProto, quantizers: dict[str, object], *, fmt:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    new_nodes, records = [], []
+    new_nodes, records, units = [], [], _UnitScales()
     for node in graph.node:
         if node.domain != DOMAIN:
             new_nodes.append(node)
@@ -98,14 +107,15 @@ def lower_markers(model: onnx.ModelProto, quantizers: dict[str, object], *, fmt:
         key = _key(node)
         module = quantizers[key]
         if node.op_type == ACT_OP:
-            nodes, inits = _lower_act(key, module, node.input[0], node.output[0])
+            nodes, inits = _lower_act(key, module, node.input[0], node.output[0], units)
         else:
-            nodes, inits = _lower_weight(key, module, node.output[0], fmt)
+            nodes, inits = _lower_weight(key, module, node.output[0], fmt, units)
         new_nodes += nodes
         graph.initializer.extend(inits)
         records.append(_record(key, node.op_type.lower(), module))
     del graph.node[:]
     graph.node.extend(new_nodes)
+    graph.initializer.extend(units.made.values())
     _drop_domain(out, DOMAIN)
     prune(out)
     helper.set_model_props(out, {METADATA_KEY: json.dumps(records), "fracfx.format": fmt})

@@ -86,12 +86,14 @@ def register(subparsers) -> None:
     _flag(run, "device", help=f"torch device (default {d.device})")
     _flag(run, "threads", type=int, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--no_progress", "--no-progress", action="store_true", help="no live progress bar (it is off anyway when not on a terminal)")
+    run.add_argument("--log_every", "--log-every", type=int, default=0, metavar="ITERS",
+                     help="without the live bar, print a progress line every ITERS iterations (default: only at evaluations)")
     # Hidden, for the resume tests: SIGKILL this process right after iteration N (no cleanup at all).
     parser.add_argument("--crash_after", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=run_train)
 
 
-_NOT_CONFIG = {"command", "func", "resume", "threads", "no_progress", "crash_after"}
+_NOT_CONFIG = {"command", "func", "resume", "threads", "no_progress", "log_every", "crash_after"}
 
 
 def config_from_args(args):
@@ -125,7 +127,8 @@ def run_train(args) -> int:
     if args.resume is None and config is None:
         config = TrainConfig()
     try:
-        train(config, resume=args.resume, progress=False if args.no_progress else None, crash_after=args.crash_after)
+        train(config, resume=args.resume, progress=False if args.no_progress else None, log_every=args.log_every,
+              crash_after=args.crash_after)
     except KeyboardInterrupt:
         import sys
 

@@ -12,7 +12,8 @@ from fracfx.models import build_model, default_input_size, list_models
 from fracfx.models.cifar_mobilenet_v2 import InvertedResidual
 from fracfx.models.cifar_resnet import BasicBlock, CifarResNet
 
-ZOO = ("cifar_resnet20", "cifar_resnet38", "cifar_resnet74", "cifar_mobilenet_v2")
+ZOO = ("cifar_resnet20", "cifar_resnet38", "cifar_resnet74", "cifar_mobilenet_v2")  # image models
+ALL_ZOO = ZOO + ("transformer_lm",)
 
 
 def tiny_net(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -150,9 +151,9 @@ def test_bad_arguments_are_config_errors():
 
 def test_list_models_and_default_input_sizes():
     names = list_models()
-    assert names[: len(ZOO)] == list(ZOO)
+    assert names[: len(ALL_ZOO)] == list(ALL_ZOO)
     assert {"resnet18", "vit_b_16", "swin_t"} <= set(names)
-    assert list_models(include_torchvision=False) == list(ZOO)
+    assert list_models(include_torchvision=False) == list(ALL_ZOO)
     assert default_input_size("cifar_resnet38") == (32, 32)
     assert default_input_size("resnet18") == (224, 224)
     assert default_input_size("inception_v3") == (299, 299)

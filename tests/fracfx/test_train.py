@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 from torch import nn
 
@@ -198,8 +197,9 @@ def test_cli_train_and_report(tmp_path, capsys):
 
     run = tmp_path / "cli-run"
     assert main(["train", "--method", "pfq", "--arch", TINY, "--train_subset", "48", "--test_subset", "16", "--batch_size", "16",
-                 "--iters", "3", "--window", "1", "--save_folder", str(run), "--no_progress"]) == 0
+                 "--iters", "3", "--window", "1", "--save_folder", str(run), "--no_progress", "--log_every", "2"]) == 0
     out = capsys.readouterr().out
+    assert "iter      2/3  loss" in out  # --log_every line
     assert "iter      3" in out and "vs static 8-bit training" in out  # eval line and summary table
     assert main(["report", str(run)]) == 0
     png = run / "report.png"
@@ -229,3 +229,14 @@ def test_report_overlays_several_runs(tmp_path):
     (tmp_path / "b" / "metrics.jsonl").write_text("")
     with pytest.raises(FracfxError, match="empty"):
         load_run(tmp_path / "b")
+
+
+@needs_fashion
+def test_live_progress_on_a_terminal(tmp_path):
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=160)
+    train(_config(tmp_path, method="pfq", iters=3, eval_every=2, initial_threshold=100.0), progress=None, console=console)
+    out = buffer.getvalue()
+    assert "\x1b[" in out  # rich drew on the (forced) terminal
+    for text in ("train acc", "stage 0 FW3/BW6", "of 8-bit", "3/3"):
+        assert text in out

@@ -130,3 +130,12 @@ def test_pure_and_runs_before_insert_quant():
     assert out is not gm and [dict(n.meta) for n in gm.graph.nodes] == before
     with pytest.raises(PassError, match="before insert_quant"):
         annotate_blocks(insert_quant(gm), example_inputs=(torch.randn(1, 3, 16, 16),))
+
+
+def test_cifar_mobilenet_v2_gates_its_residual_blocks_with_projection_shortcuts():
+    from fracfx.models import build_model
+    from fracfx.models.cifar_mobilenet_v2 import InvertedResidual
+
+    model = build_model("cifar_mobilenet_v2")
+    expected = [path for path, m in model.named_modules() if isinstance(m, InvertedResidual) and m.residual]
+    assert block_paths(annotated(model)) == expected and len(expected) == 14

@@ -147,7 +147,8 @@ class Encoder(nn.Module):
     def __init__(self, batch_first, norm_first):
         super().__init__()
         layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=batch_first, norm_first=norm_first, activation="gelu")
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
+        nn.init.normal_(self.encoder.norm.weight)  # not the identity on an already normalised output
         self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=batch_first, norm_first=norm_first)
         self.fc = nn.Linear(16, 3)
 
@@ -248,3 +249,25 @@ def test_getitem_users_and_whole_tuple_uses_are_rewired():
     x = torch.randn(2, 3, 8)
     (a, wa), (b, wb) = model(x), out(x)
     assert _rel(b, a) < 1e-5 and _rel(wb, wa) < 1e-5
+
+
+def test_traceable_attention_module_is_quantized_without_the_pass():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(16, 4, dropout=0.1, batch_first=True)
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, x, mask):
+            return self.fc(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0])
+
+    model = Net().eval()
+    x, mask = torch.randn(2, 5, 16), torch.rand(5, 5) < 0.3
+    mask[:, 0] = False
+    gm = fracfx.transform(model, fracfx.QuantConfig(keep_fp32=(), replace_attention=False), example_inputs=(x, mask))
+    rows = fracfx.cost_report(gm).rows
+    assert [(r.module_path, r.kind) for r in rows] == [("attn", "linear")] * 3 + [("attn", "matmul")] * 2 + [("attn", "linear"), ("fc", "linear")]
+    assert fracfx.fp32_report(gm) == []  # the mask helper is not a compute op
+    fracfx.set_bits(gm, 0, 0, 0)
+    gm.eval()
+    assert torch.equal(gm(x, mask), model(x, mask))
