@@ -28,7 +28,7 @@ from torch import nn
 from fracfx.errors import ConfigError
 from fracfx.gates import CandidateTable, choice_of
 from fracfx.modules import GradQuant
-from fracfx.quant import GradQuantFn, fake_quant, qmax_of, tensor_range
+from fracfx.quant import GradQuantFn, qmax_of, scale_of, tensor_range
 
 _NO_STATIC_BITS = (
     "a DFQ quantizer has per-sample bits, not one bit width; read the cost of a DFQ model from "
@@ -44,35 +44,52 @@ class MixedFakeQuantFn(torch.autograd.Function):
     """X~ = sum_k m_k fq_{a_k}(X) with a one-hot m: see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, mask, lo, rng, bits, bits_tensor):
-        chosen = bits_tensor[choice_of(mask)]  # (B,) each sample's activation bits, 0 = none
-        wanted = sorted({b for b in bits if b})
-        if x.device.type == "cpu":  # a free check on CPU: quantize only at bits someone chose
-            present = set(torch.unique(chosen).tolist())
-            wanted = [b for b in wanted if b in present]
-        out = x
-        for b in wanted:  # torch.where keeps each fq value bit-exact
-            out = torch.where(_rows(chosen == b, x), fake_quant(x, lo, rng, qmax_of(b)), out)
-        ctx.bits = bits
+    def forward(ctx, x, mask, lo, rng, bits, qmax_table, batch_range):
+        choice = choice_of(mask)
+        qmax = qmax_table[choice]  # (B,) each sample's 2^a - 1; 0 = not quantized
+        # each candidate's scale as the static quantizer computes it, then one pass over x:
+        # every element sees the same arithmetic as fake_quant at its sample's bits (bit-exact)
+        scales = torch.stack([scale_of(rng, qmax_of(b)) if b else torch.ones_like(rng) for b in bits])
+        s = _rows(scales[choice], x)
+        unquantized = qmax == 0
+        top = _rows(torch.where(unquantized, torch.ones_like(qmax), qmax).to(x.dtype), x)
+        out = (x - lo).div_(s).clamp_(min=torch.zeros_like(top), max=top).round_().mul_(s).add_(lo)
+        if not all(bits):  # "fp32" and "skip" samples keep their input
+            out = torch.where(_rows(unquantized, x), x, out)
+        ctx.bits, ctx.batch_range = bits, batch_range
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(x, lo, rng)
-        return x.clone() if out is x else out
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         dmask = None
         if ctx.needs_input_grad[1]:
             x, lo, rng = ctx.saved_tensors
-            dmask = grad.new_zeros(grad.shape[0], len(ctx.bits))
+            batch = grad.shape[0]
+            g = grad.reshape(batch, 1, -1)
+            dot = lambda t: torch.bmm(g, t.reshape(batch, -1, 1)).view(batch)  # per-sample <g, t>
+            dmask = grad.new_zeros(batch, len(ctx.bits))
             products: dict[int, torch.Tensor] = {}
+            shifted = grad_sum = None
             for k, b in enumerate(ctx.bits):
                 if b is None:  # skip: the block output, not this input, carries its gradient
                     continue
                 if b not in products:
-                    quantized = x if b == 0 else fake_quant(x, lo, rng, qmax_of(b))
-                    products[b] = (grad * quantized).flatten(1).sum(1)
+                    if b == 0:
+                        products[b] = dot(x)
+                    else:  # <g, q*s + lo> = s <g, q> + lo sum(g), q the integer grid index
+                        if shifted is None:
+                            shifted, grad_sum = x - lo, g.sum(2).view(batch)
+                        qmax = qmax_of(b)
+                        s = scale_of(rng, qmax)
+                        q = shifted / s
+                        if not ctx.batch_range:  # with the batch's own range, q is in [0, qmax]
+                            q.clamp_(0, qmax)
+                        q.round_()
+                        products[b] = dot(q) * s + lo * grad_sum
                 dmask[:, k] = products[b]
-        return grad, dmask, None, None, None, None
+        return grad, dmask, None, None, None, None, None
 
 
 class MixedActQuant(nn.Module):
@@ -84,8 +101,8 @@ class MixedActQuant(nn.Module):
         self.momentum = float(momentum)
         self.register_buffer("running_lo", torch.zeros(()))
         self.register_buffer("running_range", torch.zeros(()))
-        bits = [b or 0 for b in table.act_bits]
-        self.register_buffer("candidate_bits", torch.tensor(bits, dtype=torch.int64), persistent=False)
+        qmax = [qmax_of(b) if b else 0 for b in table.act_bits]
+        self.register_buffer("candidate_qmax", torch.tensor(qmax, dtype=torch.int64), persistent=False)
 
     @property
     def current_bits(self) -> int:
@@ -100,7 +117,7 @@ class MixedActQuant(nn.Module):
                 self.running_range.mul_(m).add_(rng.to(self.running_range.dtype), alpha=1 - m)
         else:
             lo, rng = self.running_lo, self.running_range
-        return MixedFakeQuantFn.apply(x, mask, lo, rng, self.table.act_bits, self.candidate_bits)
+        return MixedFakeQuantFn.apply(x, mask, lo, rng, self.table.act_bits, self.candidate_qmax, self.training)
 
     def extra_repr(self) -> str:
         return f"candidates={self.table.labels}"

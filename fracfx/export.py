@@ -42,14 +42,19 @@ def _eval_mode(model: nn.Module):
             module.training = training
 
 
+def _tracks_range(module: nn.Module) -> bool:
+    """ActQuant and anything shaped like it (DFQ's MixedActQuant): running range + momentum."""
+    return isinstance(module, ActQuant) or (hasattr(module, "running_range") and hasattr(module, "momentum") and hasattr(module, "running_lo"))
+
+
 @torch.no_grad()
 def calibrate(gm: nn.Module, batches: Iterable) -> nn.Module:
-    """Set every ActQuant's running range to the mean per-batch (min, max - min) over `batches`.
+    """Set every activation quantizer's running range to the mean per-batch (min, max - min).
 
     In place (like training); BatchNorm and everything else run in eval mode and do not move.
     Each batch is a tensor or a tuple of inputs. Returns gm.
     """
-    quantizers = [m for m in gm.modules() if isinstance(m, ActQuant)]
+    quantizers = [m for m in gm.modules() if _tracks_range(m)]
     momenta = [q.momentum for q in quantizers]
     count = 0
     with _eval_mode(gm):

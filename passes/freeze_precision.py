@@ -12,7 +12,9 @@ Inserted nodes are dispatched on their Inserted.role through FREEZERS. Nodes tha
 used afterwards (a DFQ gate subgraph whose masks fed only quantizers) are removed as dead code;
 an inserted node of a role without a freezer that is still used is an ExportError naming it, and
 a later pass (gates) registers its roles in FREEZERS. bits=(a, w) overrides every quantizer, which
-is how a DFQ model (per-sample bits) is frozen at one precision.
+is how a DFQ model (per-sample bits) is frozen at one precision: its mixed quantizers freeze
+at those bits, the "fp32"/"skip" candidate nodes are stripped, and the gate subgraph, now unused,
+is removed.
 
 The output shares nothing with the input: it is a deep copy, in eval mode, without gradients.
 """
@@ -28,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from fracfx.bits import FP32, check_bits
-from fracfx.errors import ExportError
+from fracfx.errors import ExportError, FracfxError
 from fracfx.frozen import FrozenActQuant, FrozenWeight, integer_grid, quantize_codes
 from fracfx.meta import FROZEN, FrozenQuant, get_inserted
 from fracfx.modules import QUANTIZER_TYPES
@@ -49,12 +51,13 @@ class Freezing:
     def bits_for(self, node: fx.Node, module: nn.Module, index: int) -> int:
         if self.bits is not None:
             return self.bits[index]
-        if not hasattr(module, "current_bits"):
+        try:
+            return module.current_bits
+        except (AttributeError, FracfxError) as error:
             raise ExportError(
                 f"node {node.name} ({node.target}, {type(module).__name__}) has no single bit width "
                 "(per-sample bits?); freeze it at one precision with freeze(gm, bits=(act_bits, weight_bits))"
-            )
-        return module.current_bits
+            ) from error
 
     def replace_with(self, node: fx.Node, module: nn.Module, args: tuple) -> fx.Node:
         self.modules[node.target] = module
@@ -121,9 +124,11 @@ def _strip(ctx: Freezing, node: fx.Node):
 
 
 FREEZERS: dict[str, Callable[[Freezing, fx.Node], object]] = {
-    "act_quant": _freeze_act,
+    "act_quant": _freeze_act,  # ActQuant, and DFQ's MixedActQuant(x, mask) at explicit bits
     "weight_quant": _freeze_weight,
     "grad_quant": _strip,
+    "fp32_rows": _strip,  # DFQ "fp32" candidate: at one fixed precision no sample takes it
+    "skip_mix": _strip,  # DFQ "skip" candidate: likewise, the block runs
 }
 
 

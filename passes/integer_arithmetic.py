@@ -74,43 +74,46 @@ def _batchnorm_as_affine(bn: nn.Module, rank: int) -> FrozenAffine:
     return FrozenAffine(scale.reshape(shape), shift.reshape(shape))
 
 
+def _integerize(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, new_modules: dict) -> None:
+    """Rewrite one quantized op as integer op + FrozenAffine rescale; leave it if that is not possible."""
+    spec, binding = get_quant_spec(node), get_binding(node)
+    matmul = spec.kind == "matmul"
+    act_nodes = list(node.args[:2] if matmul else node.args[:1])
+    weight_node = None if matmul else (node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+    acts = [_frozen_operand(gm, a, FrozenActQuant) for a in act_nodes]
+    weight = None if matmul else _frozen_operand(gm, weight_node, FrozenWeight)
+    if any(a is None for a in acts) or (not matmul and weight is None):
+        return  # an FP32 operand: the op stays in dequantized form
+    bias_node, where = (None, None) if matmul else _slot(node, 2, "bias")
+    if bias_node is not None and not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
+        return  # a computed bias: keep the op as it is
+    if matmul:
+        scale, bias = acts[0].scale * acts[1].scale, None
+    else:
+        shape = (-1,) + (1,) * (weight.codes.dim() - 2) if spec.kind == "conv" else (-1,)
+        scale = (acts[0].scale * weight.scale).reshape(shape)
+        bias = None if bias_node is None else _attr(gm, bias_node).detach().float().reshape(shape)
+        if bias_node is not None:
+            _set_slot(node, where, None)
+    for operand in act_nodes + ([] if matmul else [weight_node]):
+        new_modules[operand.target] = _centered(gm.get_submodule(operand.target))
+    target = binding.grad.rpartition(".")[0] + ".rescale"
+    new_modules[target] = FrozenAffine(scale, bias)
+    with graph.inserting_after(node):
+        rescale = graph.call_module(target, (node,))
+    node.replace_all_uses_with(rescale, delete_user_cb=lambda user: user is not rescale)
+
+
 def integer_arithmetic(gm: fx.GraphModule, /) -> fx.GraphModule:
     """Return a copy of a frozen GraphModule in integer-arithmetic form (module docstring)."""
     graph, _ = copy_graph(gm)
     new_modules: dict[str, nn.Module] = {}
     for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BATCHNORMS):
-            bn = gm.get_submodule(node.target)
-            if bn.track_running_stats and bn.running_var is not None:
-                rank = 2 if isinstance(bn, nn.BatchNorm2d) else 3
-                new_modules[node.target] = _batchnorm_as_affine(bn, rank)
-            continue
-        binding, spec = get_binding(node), get_quant_spec(node)
-        if binding is None or spec is None:
-            continue
-        acts = [_frozen_operand(gm, a, FrozenActQuant) for a in node.args[:2 if spec.kind == "matmul" else 1]]
-        weight = None if spec.kind == "matmul" else _frozen_operand(gm, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"), FrozenWeight)
-        if any(a is None for a in acts) or (spec.kind != "matmul" and weight is None):
-            continue
-        scale = acts[0].scale * (acts[1].scale if spec.kind == "matmul" else weight.scale)
-        bias = None
-        if spec.kind != "matmul":
-            shape = (-1,) + (1,) * (weight.codes.dim() - 2) if spec.kind == "conv" else (-1,)
-            scale = scale.reshape(shape)
-            bias_node, where = _slot(node, 2, "bias")
-            if bias_node is not None:
-                bias = _attr(gm, bias_node).detach().float().reshape(shape)
-                _set_slot(node, where, None)
-        for operand in list(node.args[:2]) + [node.kwargs.get("weight")]:
-            if isinstance(operand, fx.Node) and operand.op == "call_module" and operand.target not in new_modules:
-                module = gm.get_submodule(operand.target)
-                if isinstance(module, (FrozenActQuant, FrozenWeight)):
-                    new_modules[operand.target] = _centered(module)
-        target = binding.grad.rpartition(".")[0] + ".rescale"
-        new_modules[target] = FrozenAffine(scale, bias)
-        with graph.inserting_after(node):
-            rescale = graph.call_module(target, (node,))
-        node.replace_all_uses_with(rescale, delete_user_cb=lambda user: user is not rescale)
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, _BATCHNORMS) and module.track_running_stats and module.running_var is not None:
+            new_modules[node.target] = _batchnorm_as_affine(module, 2 if isinstance(module, nn.BatchNorm2d) else 3)
+        elif get_binding(node) is not None and get_quant_spec(node) is not None:
+            _integerize(gm, graph, node, new_modules)
     for node in reversed(list(graph.nodes)):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)

@@ -166,3 +166,20 @@ def test_freeze_deviation_reports_the_grid_move(trained):
     deviation = freeze_deviation(trained, freeze(trained), x)
     assert deviation.samples == 64 and 0 < deviation.max_rel_error < 1
     assert trained.training and all(m.training for m in trained.modules())  # modes restored
+
+
+def test_dfq_model_freezes_at_explicit_bits_and_drops_its_gates(tmp_path):
+    from fracfx.config import DFQConfig
+    from fracfx.export import calibrate, export_onnx
+
+    config = DFQConfig(candidates=((3, 6), (4, 8), "skip", "fp32"))
+    gm = fracfx.transform(settle_batchnorm(TinyResNet(), SHAPE), config, example_inputs=torch.zeros((2,) + SHAPE))
+    calibrate(gm, [inputs(16, SHAPE, seed=s) for s in range(3)])
+    with pytest.raises(ExportError, match=r"layer1_conv1.*MixedActQuant.*bits=\(act_bits, weight_bits\)"):
+        freeze(gm)
+    frozen = freeze(gm, bits=(4, 4))
+    leftovers = [n.target for n in frozen.graph.nodes if n.op == "call_module" and str(n.target).startswith("fracfx_gate")]
+    assert not leftovers  # gates, fp32 rows and skip mixes are gone
+    assert {m.bits for m in _modules(frozen, FrozenActQuant)} == {4} and len(_modules(frozen, FrozenActQuant)) == 5  # stem kept FP32
+    report = export_onnx(frozen, tmp_path / "dfq.onnx", torch.zeros((1,) + SHAPE), verify=True, verify_inputs=inputs(32, SHAPE))
+    assert report.verify.level("disable_all").max_rel_error < 1e-4

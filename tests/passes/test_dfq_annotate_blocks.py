@@ -15,6 +15,15 @@ from fracfx.passes.capture import capture_graph
 from fracfx.passes.insert_quant import insert_quant
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def annotated(model, size=16, **options):
     gm = annotate_quant(capture_graph(model), keep_fp32=("@first", "@last"))
     return annotate_blocks(gm, example_inputs=(torch.randn(2, 3, size, size),), **options)

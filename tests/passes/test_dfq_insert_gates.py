@@ -1,8 +1,8 @@
 """insert_gates and transform(DFQConfig): gate subgraphs, mixed quantizers, per-sample exactness."""
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
 import torchvision
 from torch import nn
 
@@ -13,6 +13,16 @@ from fracfx.errors import ConfigError
 from fracfx.gates import GateChoice
 from fracfx.meta import get_binding, get_block, get_quant_spec
 from fracfx.models.cifar_resnet import cifar_resnet20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 EXAMPLE = torch.randn(2, 3, 16, 16)
 

@@ -13,6 +13,16 @@ from fracfx.gates import GateChoice
 from fracfx.models.cifar_resnet import cifar_resnet20
 from fracfx.runtime import DFQController, FracTrainScheduler
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 EXAMPLE = torch.randn(2, 3, 16, 16)
 
 

@@ -1,5 +1,6 @@
 """The DFQ gate choice and per-sample mixed quantizers, against formulas written out here."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -7,6 +8,16 @@ from fracfx.config import CIFAR_CANDIDATES
 from fracfx.dfq_modules import FP32Rows, MixedActQuant, MixedGradQuant, SkipMix
 from fracfx.gates import CandidateTable, GateChoice
 from fracfx.modules import ActQuant
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 TABLE = CandidateTable(CIFAR_CANDIDATES + ("fp32", "skip"))  # a: 3 4 4 6 6 fp32 -
 CHOICES = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2, 0])
@@ -65,14 +76,17 @@ def test_activation_eval_uses_running_ranges_like_the_static_quantizer():
     assert torch.equal(out[rows], static(probe)[rows])
 
 
-def test_activation_backward_is_straight_through_and_mask_gradient_is_the_inner_product():
+@pytest.mark.parametrize("training", [True, False], ids=["batch-range", "running-range"])
+def test_activation_backward_is_straight_through_and_mask_gradient_is_the_inner_product(training):
     x = torch.randn(len(CHOICES), 2, 4, 4, requires_grad=True)
     mask = F.one_hot(CHOICES, len(TABLE)).float().requires_grad_(True)
     upstream = torch.randn(len(CHOICES), 2, 4, 4)
-    (MixedActQuant(TABLE).train()(x, mask) * upstream).sum().backward()
+    quant = MixedActQuant(TABLE).train(training)
+    quant.running_lo.fill_(-1.0), quant.running_range.fill_(1.5)  # eval: values above 0.5 clamp
+    (quant(x, mask) * upstream).sum().backward()
     assert torch.equal(x.grad, upstream)
     xd, ud = x.detach().double(), upstream.double()
-    lo, rng = xd.min(), xd.max() - xd.min()
+    lo, rng = (xd.min(), xd.max() - xd.min()) if training else (torch.tensor(-1.0, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64))
     for k, bits in enumerate(TABLE.act_bits):
         if bits is None:
             expected = torch.zeros(len(CHOICES), dtype=torch.float64)  # skip acts at the block output
