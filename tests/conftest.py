@@ -1,10 +1,17 @@
-"""Shared test setup: deterministic seeds and a small thread count (2-core CI machine)."""
+"""Shared test setup: deterministic seeds and one intra-op thread.
+
+Tests use small tensors, for which a second thread costs more in synchronisation than it
+saves, and badly so on a loaded 2-core machine; benchmarks (fracfx bench) choose their own.
+"""
 
 import random
 
 import numpy as np
 import pytest
 import torch
+
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

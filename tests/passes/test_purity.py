@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import fracfx.passes as P
+from fracfx.config import CIFAR_CANDIDATES
+from fracfx.models import build_model
 
 
 class Net(nn.Module):
@@ -22,10 +24,29 @@ class Net(nn.Module):
 
 
 EXAMPLE = (torch.randn(2, 3, 6, 6),)
+BLOCK_EXAMPLE = (torch.randn(2, 3, 8, 8),)
+
+
+def _blocks(gm):
+    return P.annotate_blocks(P.annotate_quant(gm), example_inputs=BLOCK_EXAMPLE)
+
+
+def _quantized_blocks(gm):
+    return P.insert_quant(P.annotate_cost(_blocks(gm), example_inputs=BLOCK_EXAMPLE))
+
+
+def _same(gm):
+    return gm
+
+
+# name -> (model, prepare: the passes before it, the pass under test on the prepared graph)
 PASSES = {
-    "annotate_quant": lambda gm: P.annotate_quant(gm, keep_fp32=("@last",)),
-    "annotate_cost": lambda gm: P.annotate_cost(P.annotate_quant(gm), example_inputs=EXAMPLE),
-    "insert_quant": lambda gm: P.insert_quant(P.annotate_quant(gm)),
+    "replace_attention": ("net", _same, P.replace_attention),
+    "annotate_quant": ("net", _same, lambda gm: P.annotate_quant(gm, keep_fp32=("@last",))),
+    "annotate_cost": ("net", P.annotate_quant, lambda gm: P.annotate_cost(gm, example_inputs=EXAMPLE)),
+    "insert_quant": ("net", P.annotate_quant, P.insert_quant),
+    "annotate_blocks": ("resnet", P.annotate_quant, lambda gm: P.annotate_blocks(gm, example_inputs=BLOCK_EXAMPLE)),
+    "insert_gates": ("resnet", _quantized_blocks, lambda gm: P.insert_gates(gm, candidates=CIFAR_CANDIDATES)),
 }
 
 
@@ -41,9 +62,10 @@ def _snapshot(gm):
 
 @pytest.mark.parametrize("name", sorted(PASSES))
 def test_pass_leaves_input_untouched(name):
-    gm = P.capture_graph(Net())
+    model, prepare, run = PASSES[name]
+    gm = prepare(P.capture_graph(build_model("cifar_resnet20") if model == "resnet" else Net()))
     before = _snapshot(gm)
-    out = PASSES[name](gm)
+    out = run(gm)
     assert out is not gm and out.graph is not gm.graph
     after = _snapshot(gm)
     assert after["code"] == before["code"]
