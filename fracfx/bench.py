@@ -43,14 +43,18 @@ def interleaved(candidates: dict[str, Callable[[], None]], repeats: int, warmup:
     return [Timing(name, tuple(s)) for name, s in samples.items()]
 
 
-def training_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, lr: float = 0.01) -> Callable[[], None]:
-    """One full SGD step (forward, cross-entropy, backward, update) as a closure."""
+def training_step(
+    model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, lr: float = 0.01, extra_loss: Callable[[], torch.Tensor] | None = None
+) -> Callable[[], None]:
+    """One full SGD step (forward, cross-entropy [+ extra_loss()], backward, update) as a closure."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     model.train()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(batch), labels)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         loss.backward()
         optimizer.step()
 

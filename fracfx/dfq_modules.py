@@ -53,7 +53,8 @@ class MixedFakeQuantFn(torch.autograd.Function):
         s = _rows(scales[choice], x)
         unquantized = qmax == 0
         top = _rows(torch.where(unquantized, torch.ones_like(qmax), qmax).to(x.dtype), x)
-        out = (x - lo).div_(s).clamp_(min=torch.zeros_like(top), max=top).round_().mul_(s).add_(lo)
+        # one-sided clamps: a two-sided tensor clamp is ~50x slower on CPU, same result
+        out = (x - lo).div_(s).clamp_min_(0).clamp_max_(top).round_().mul_(s).add_(lo)
         if not all(bits):  # "fp32" and "skip" samples keep their input
             out = torch.where(_rows(unquantized, x), x, out)
         ctx.bits, ctx.batch_range = bits, batch_range
@@ -67,8 +68,9 @@ class MixedFakeQuantFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x, lo, rng = ctx.saved_tensors
             batch = grad.shape[0]
-            g = grad.reshape(batch, 1, -1)
-            dot = lambda t: torch.bmm(g, t.reshape(batch, -1, 1)).view(batch)  # per-sample <g, t>
+            g = grad.reshape(batch, -1)
+            # per-sample <g, t>; vecdot streams both once (bmm with one column is ~6x slower)
+            dot = lambda t: torch.linalg.vecdot(g, t.reshape(batch, -1))
             dmask = grad.new_zeros(batch, len(ctx.bits))
             products: dict[int, torch.Tensor] = {}
             shifted = grad_sum = None
@@ -80,7 +82,7 @@ class MixedFakeQuantFn(torch.autograd.Function):
                         products[b] = dot(x)
                     else:  # <g, q*s + lo> = s <g, q> + lo sum(g), q the integer grid index
                         if shifted is None:
-                            shifted, grad_sum = x - lo, g.sum(2).view(batch)
+                            shifted, grad_sum = x - lo, g.sum(1)
                         qmax = qmax_of(b)
                         s = scale_of(rng, qmax)
                         q = shifted / s

@@ -164,6 +164,8 @@ class ExportReport:
             top1 = "n/a" if d.top1_agreement is None else f"{d.top1_agreement:.4f}"
             out.append(f"freeze vs unfrozen eval ({d.samples} inputs): max rel dev {d.max_rel_error:.3e}, mean {d.mean_rel_error:.3e}, top-1 agreement {top1}")
         if self.verify is not None:
+            verdict = "met" if self.verify.ok else "NOT MET"
+            out.append(f"export contract (ORT_DISABLE_ALL within 1e-4 of the frozen model, same top-1): {verdict}")
             for r in self.verify.levels:
                 top1 = "n/a" if r.top1_agreement is None else f"{r.top1_agreement:.4f}"
                 fused = ", ".join(f"{k} x{v}" for k, v in r.fused_ops.items()) or "none"

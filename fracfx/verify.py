@@ -39,6 +39,9 @@ class LevelResult:
     fused_ops: dict[str, int]  # op types onnxruntime introduced at this level (e.g. QLinearConv)
 
 
+CONTRACT_TOLERANCE = 1e-4  # ORT_DISABLE_ALL vs the frozen model, relative to the largest magnitude
+
+
 @dataclasses.dataclass(frozen=True)
 class VerifyReport:
     samples: int
@@ -46,6 +49,12 @@ class VerifyReport:
 
     def level(self, name: str) -> LevelResult:
         return next(r for r in self.levels if r.level == name)
+
+    @property
+    def ok(self) -> bool:
+        """The export contract: at ORT_DISABLE_ALL, within CONTRACT_TOLERANCE and the same top-1."""
+        strict = self.level("disable_all")
+        return strict.max_rel_error <= CONTRACT_TOLERANCE and strict.top1_agreement in (None, 1.0)
 
 
 def session(model_or_path, level: str = "enable_all", *, threads: int = 1, optimized_path: str | None = None):

@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     step.add_argument("--in-channels", type=int, default=3)
     step.add_argument("--bits", default="8,8,8", help="a,w,g bits of the quantized run (default 8,8,8)")
     step.add_argument("--keep-fp32", nargs="*", default=["@last"], help="globs / @first / @last kept FP32 (default @last)")
+    step.add_argument("--method", choices=("static", "dfq"), default="static",
+                      help="static: fixed --bits; dfq: gated per-sample precision (DFQConfig defaults, w=4) with its cost term")
     step.add_argument("--repeats", type=int, default=7)
     step.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     step.set_defaults(func=run_step)
@@ -49,15 +51,23 @@ def run_step(args) -> int:
     float_model = build_model(args.arch, in_channels=args.in_channels)
     batch = torch.randn(args.batch_size, args.in_channels, args.input_size, args.input_size)
     labels = torch.randint(0, 10, (args.batch_size,))
-    config = fracfx.QuantConfig(act_bits=a, weight_bits=w, grad_bits=g, keep_fp32=tuple(args.keep_fp32))
-    quant_model = fracfx.transform(float_model, config)
+    if args.method == "dfq":
+        from fracfx.runtime import DFQController
+
+        quant_model = fracfx.transform(float_model, fracfx.DFQConfig(), example_inputs=batch[:2])
+        controller = DFQController(quant_model, target_ratio=3.0)
+        name, extra_loss = "dfq", controller.cost_loss
+    else:
+        config = fracfx.QuantConfig(act_bits=a, weight_bits=w, grad_bits=g, keep_fp32=tuple(args.keep_fp32))
+        quant_model = fracfx.transform(float_model, config)
+        name, extra_loss = f"{a}/{w}/{g}", None
     timings = interleaved(
-        {"fp32": training_step(float_model, batch, labels), f"{a}/{w}/{g}": training_step(quant_model, batch, labels)},
+        {"fp32": training_step(float_model, batch, labels), name: training_step(quant_model, batch, labels, extra_loss=extra_loss)},
         repeats=args.repeats,
     )
     base = timings[0]
     pair_ratios = [q / f for q, f in zip(timings[1].seconds, base.seconds)]
-    table = Table(title=f"training step, {args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads, {args.repeats} interleaved rounds")
+    table = Table(title=f"training step ({args.method}), {args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads, {args.repeats} interleaved rounds")
     for col in ("run", "median s", "min s", "max s", "median / fp32"):
         table.add_column(col, justify="right")
     for t in timings:

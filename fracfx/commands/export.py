@@ -108,4 +108,4 @@ def run(args) -> int:
         if not os.path.exists(args.source):
             print(f"{args.source}: freshly initialised, activation ranges from {args.calib_batches} random batches")
         print("\n".join(report.lines()))
-    return 0
+    return 1 if report.verify is not None and not report.verify.ok else 0

@@ -37,9 +37,16 @@ def test_tiny_resnet_matches_frozen_model_in_onnxruntime(tmp_path, bits):
     gm = _tiny(bits)
     report = export_onnx(gm, tmp_path / "m.onnx", torch.zeros((1,) + SHAPE), verify=True, verify_inputs=inputs(64, SHAPE))
     strict = report.verify.level("disable_all")
-    assert strict.max_rel_error < TOL and strict.top1_agreement == 1.0
+    assert strict.max_rel_error < TOL and strict.top1_agreement == 1.0 and report.verify.ok
     assert report.verify.level("enable_all").max_rel_error < 1.0  # reported; its numbers depend on the CPU's fusions
     assert report.frozen_implicitly and report.freeze_deviation.samples == 64
+
+
+def test_verify_catches_a_file_that_is_not_the_reference(tmp_path):
+    gm = _tiny(4)
+    export_onnx(gm, tmp_path / "m.onnx", torch.zeros((1,) + SHAPE))
+    wrong = verify_onnx(tmp_path / "m.onnx", freeze(gm, bits=(3, 4)), inputs(32, SHAPE))
+    assert not wrong.ok and wrong.level("disable_all").max_rel_error > 1e-2
 
 
 def test_file_structure(tmp_path):
