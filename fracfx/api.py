@@ -75,7 +75,9 @@ def transform(
         ),
     ))
     if dfq:
-        steps.append(("insert_gates", lambda gm: insert_gates(gm, candidates=config.candidates, embed_dims=config.embed_dims, hidden=config.hidden)))
+        steps.append(("insert_gates", lambda gm: insert_gates(
+            gm, candidates=config.candidates, embed_dims=config.embed_dims, hidden=config.hidden, embed_layout=config.embed_layout,
+        )))
     return run_pipeline(model, steps)
 
 

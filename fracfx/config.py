@@ -121,6 +121,7 @@ class QuantConfig(_Config):
 
 SKIP = "skip"  # DFQ candidate: the block's output is its shortcut (cost 0)
 FP32_CANDIDATE = "fp32"  # DFQ candidate: the block's ops run unquantized, weights included (cost 1)
+EMBED_LAYOUTS = ("auto", "channels_first", "tokens")  # DFQConfig.embed_layout (see fracfx/gates.py)
 CIFAR_CANDIDATES = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
 IMAGENET_CANDIDATES = ((3, 6), (4, 8), (6, 12), (8, 16))
 
@@ -156,11 +157,16 @@ class DFQConfig(_Config):
     means that tensor stays FP32), or "skip" (the block's output is its shortcut, cost 0), or
     "fp32" (activations, weights and gradients unquantized for that sample, cost 1; (0, 0) is
     read as "fp32"). Gated blocks are found automatically (residual blocks: a module whose
-    traced body ends in an add of its residual branch and its input or a projection of it);
+    traced body ends in an add of its residual branch and its input or a projection of it, or in
+    a chain of residual adds over its input, as a transformer layer: one gate per layer);
     block_types (class names) or block_globs (module-name globs) replace that detection.
     Quantized ops outside every gated block run at the static ungated_act_bits/ungated_grad_bits.
-    embed_dims: widths of the 1x1 convs embedding each block input (ReLU between them);
-    hidden: the shared LSTM's hidden size.
+    embed_dims: widths of the layers embedding each block input (ReLU between them): 1x1 convs
+    after global average pooling for channels-first feature maps (B, C, H, W), linears after the
+    mean over tokens for token activations (B, T, C); hidden: the shared LSTM's hidden size.
+    embed_layout: "auto" reads each block input where the block's first conv/linear/matmul reads
+    its features (a conv: channels at dim 1; a linear or matmul: the last dim, tokens before it);
+    "channels_first" or "tokens" force one layout for every block (see fracfx/gates.py).
     """
 
     KIND: ClassVar[str] = "dfq"
@@ -180,8 +186,11 @@ class DFQConfig(_Config):
     leaf_modules: tuple[str, ...] = ()
     trace_fallback: bool = False
     replace_attention: bool = True  # as in QuantConfig
+    embed_layout: str = "auto"
 
     def __post_init__(self):
+        if self.embed_layout not in EMBED_LAYOUTS:
+            raise ConfigError(f"embed_layout={self.embed_layout!r} is not a layout{_did_you_mean(str(self.embed_layout), EMBED_LAYOUTS)}; choose from {EMBED_LAYOUTS}")
         for name in ("weight_bits", "ungated_act_bits", "ungated_grad_bits"):
             object.__setattr__(self, name, check_bits(getattr(self, name), name))
         if isinstance(self.candidates, (str, bytes)) or not hasattr(self.candidates, "__iter__"):

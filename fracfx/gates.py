@@ -2,10 +2,23 @@
 
 Per gated block i, in depth order:
 
-    e_i = GateEmbedding_i(x_i)      GAP -> 1x1 conv C->32 (+bias) -> ReLU -> 1x1 conv 32->16
+    e_i = embed_i(x_i)              GateEmbedding on channels-first maps (B, C, H, W):
+                                      GAP -> 1x1 conv C->32 (+bias) -> ReLU -> 1x1 conv 32->16
+                                    TokenGateEmbedding on tokens (B, T, C), channels last:
+                                      mean over tokens -> Linear C->32 -> ReLU -> Linear 32->16
     s_i = lstm(e_i, s_{i-1})        ONE shared nn.LSTMCell; no state for block 0: zeros every forward
     m_i = GateChoice_i(head(s_i.h)) shared Linear(hidden -> K); p = softmax, h = one_hot(argmax p),
                                     m = h - p.detach() + p (exactly one-hot forward, softmax backward)
+
+The two embeddings compute the same kind of function (pool the positions, then a per-channel
+MLP); they differ in where the channels are. `gate_embedding` builds one for a layout:
+"channels_first" (channels at dim 1, positions after: conv feature maps) or "tokens" (channels
+last, positions between batch and channels: transformer activations, channels-last maps such
+as swin's (B, H, W, C)). insert_gates picks the layout per block (DFQConfig.embed_layout).
+
+For token models the decision is per sequence: the pooled embedding sees every position, so in
+a causal LM the precision of position t depends on later tokens too (a choice among K
+candidates per block; in training the per-tensor activation ranges mix positions as well).
 
 `CandidateTable` is the per-candidate precision and cost that the mixed quantizers and the
 controller share. Everything here is FP32.
@@ -20,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fracfx.bits import cost_bits
-from fracfx.config import FP32_CANDIDATE, SKIP
+from fracfx.config import EMBED_LAYOUTS, FP32_CANDIDATE, SKIP
+from fracfx.errors import ConfigError
 
 FP32_BITOPS = 32 * 32
 
@@ -90,6 +104,40 @@ class GateEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.flatten(2).mean(2) if x.dim() > 2 else x  # dim 1 is channels
         return self.layers(pooled[:, :, None, None]).flatten(1)
+
+
+class TokenGateEmbedding(nn.Module):
+    """Mean over tokens, then linears with ReLU between them: (B, T, C) -> (B, dims[-1]).
+
+    Every dim between batch and the last is a position ((B, H, W, C) pools H and W). One
+    embedding per sample (per sequence): the batch dim is 0.
+    """
+
+    def __init__(self, in_features: int, dims: tuple[int, ...] = (32, 16)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for i, dim in enumerate(dims):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(nn.Linear(width, dim))
+            width = dim
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.flatten(1, -2).mean(1) if x.dim() > 2 else x  # the last dim is channels
+        return self.layers(pooled)
+
+
+def gate_embedding(layout: str, input_shape: tuple[int, ...], dims: tuple[int, ...]) -> nn.Module:
+    """The embedding of a block input of per-sample shape `input_shape` in `layout`."""
+    if layout not in EMBED_LAYOUTS[1:]:
+        raise ConfigError(f"gate_embedding: layout must be one of {EMBED_LAYOUTS[1:]}, got {layout!r}")
+    if not input_shape:
+        raise ConfigError("a gate embeds a (B, C, ...) or (B, ..., C) tensor; this block's input has no dim besides the batch")
+    if layout == "channels_first":
+        return GateEmbedding(input_shape[0], dims)
+    return TokenGateEmbedding(input_shape[-1], dims)
 
 
 class GateChoice(nn.Module):

@@ -3,18 +3,36 @@
 A region is one call of a submodule: the nodes whose nn_module_stack holds that call. By default
 the gated regions are residual blocks, recognised from the graph alone (no names, no types):
   - the body has one tensor input x (parameters aside) and one output value;
-  - the output is an add, possibly followed by single-input non-compute ops (ReLU, dropout);
-  - one operand of that add is x itself (identity shortcut), or both operands are computed in
-    the body on disjoint paths that fork at x, and the shortcut is the one with fewer compute
-    ops (a strided 1x1 projection conv + BN, or option-A slicing and padding), so downsampling
-    blocks are gated too;
+  - the output is an add, possibly followed by single-input non-compute ops (ReLU, dropout,
+    LayerNorm);
+  - one operand of that add is x itself (identity shortcut) or a residual sum over x (a chain:
+    x1 = x + f(x), out = x1 + g(x1), each add possibly followed by such ops), or both operands
+    are computed in the body on disjoint paths that fork at x, and the shortcut is the one with
+    fewer compute ops (a strided 1x1 projection conv + BN, or option-A slicing and padding), so
+    downsampling blocks are gated too;
   - the body holds at least one quantized op.
-A stage (Sequential) of blocks never qualifies (its add's operands share ancestors); if two
-detected regions nest, the inner one is gated (one decision per op).
+If two detected regions nest, the inner one is gated (one decision per op): a stage
+(Sequential) of identity blocks is a chain too, but its blocks win.
+
+What a block is in a transformer: the innermost module whose output is such a residual sum.
+torchvision's ViT EncoderBlock (x1 = input + drop(attn(ln_1(input))); out = x1 + mlp(ln_2(x1)))
+and nn.TransformerEncoderLayer (pre- and post-LN, after replace_attention) are chains: ONE gate
+per layer, both sublayers at one precision, "skip" skipping the whole layer (output = input).
+Their attention sublayer is no module of its own (ln_1, attention, dropout and the add are
+separate calls in EncoderBlock.forward), and regions are module calls, which block_types and
+block_globs can name. fracfx's transformer_lm writes each sublayer as its own residual module
+(CausalSelfAttention, FeedForward): two gates per layer there, or one with block_types=("Block",).
+
 block_types (class names) or block_globs (fnmatch globs on module paths; `*` crosses dots)
 replace the detection; of nested named regions the outer one is gated ("layer2.*" gates the
 blocks, not also their downsample Sequentials). Such regions need one tensor input and one
 output, and support "skip" only if they are residual too.
+
+Per-sample precision acts along dim 0: every quantized op in a gated block must see the batch
+first (checked on example_inputs: an op whose input or output has another size at dim 0, such
+as nn.TransformerEncoderLayer(batch_first=False) or a quantized attention over windows folded
+into dim 0, is refused;
+an example batch size equal to another dim, e.g. the sequence length, would hide that).
 
 Marks (fracfx.meta): BlockSpec on each compute node in a block; BlockPort("input" | "shortcut" |
 "output") on the nodes carrying those values. Runs on the captured graph, before insert_quant.
@@ -102,23 +120,46 @@ def _ancestors(node: fx.Node, body: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _residual_shortcut(region: _Region) -> fx.Node | None:
-    """The add's shortcut operand if the region is a residual block, else None."""
-    body, x = set(region.nodes), region.x
-    node = region.out
-    while not _is_add(node):  # walk back over trailing ReLU-like ops
+def _add_before(node: fx.Node, body: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The two operands of the add that `node` is, or follows through single-input non-compute ops."""
+    while not _is_add(node):  # walk back over trailing ReLU/LayerNorm-like ops
         inner = [a for a in node.all_input_nodes if a in body]
-        if _is_compute(node) or len(inner) != 1:
+        if node not in body or _is_compute(node) or len(inner) != 1:
             return None
         node = inner[0]
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    if len(operands) != 2:
+    return (operands[0], operands[1]) if len(operands) == 2 and node in body else None
+
+
+def _residual_stream(x: fx.Node, body: set[fx.Node]):
+    """A test: is a node x, or a residual sum over x (add(stream, branch), branch in the body)?"""
+    memo: dict[fx.Node, bool] = {}
+
+    def is_stream(node: fx.Node) -> bool:
+        if node is x:
+            return True
+        if node not in memo:
+            memo[node] = False  # while deciding (a DAG has no cycles; this bounds revisits)
+            operands = _add_before(node, body)
+            memo[node] = operands is not None and any(
+                branch in body and branch is not x and is_stream(stream)
+                for stream, branch in (operands, operands[::-1])
+            )
+        return memo[node]
+
+    return is_stream
+
+
+def _residual_shortcut(region: _Region) -> fx.Node | None:
+    """The add's shortcut operand if the region is a residual block, else None."""
+    body, x = set(region.nodes), region.x
+    operands = _add_before(region.out, body)
+    if operands is None:
         return None
+    if _residual_stream(x, body)(region.out):  # identity shortcut, or a chain of them
+        return x
     a, b = operands
-    if (a is x) != (b is x):  # identity shortcut
-        branch = b if a is x else a
-        return x if branch in body else None
-    if a not in body or b not in body:
+    if a is x or b is x or a not in body or b not in body:
         return None
     ancestors_a, ancestors_b = _ancestors(a, body), _ancestors(b, body)
     if ancestors_a & ancestors_b:
@@ -175,8 +216,34 @@ class _InputShapes(fx.Interpreter):
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
         if n in self.wanted and isinstance(value, torch.Tensor):
-            self.shapes[n] = tuple(value.shape[1:])
+            self.shapes[n] = tuple(value.shape)
         return value
+
+
+def _per_sample_values(region: _Region) -> list[tuple[fx.Node, fx.Node]]:
+    """(op, value) for the values the block's gate and mixed quantizers split into samples along
+    dim 0: the block input, and each quantized op's activation operands and output."""
+    values = [(region.x, region.x)]
+    for node in region.nodes:
+        spec = get_quant_spec(node)
+        if spec is None or not spec.quantize:
+            continue
+        operands = node.args[:2] if spec.kind == "matmul" else (node.args[:1] or (node.kwargs.get("input"),))
+        values += [(node, v) for v in (*operands, node) if isinstance(v, fx.Node)]
+    return values
+
+
+def _check_batch_first(region: _Region, shapes, batch: int) -> None:
+    for op, value in _per_sample_values(region):
+        shape = shapes.get(value)
+        if shape is not None and (not shape or shape[0] != batch):
+            what = "its input" if op is region.x else f"op '{op.name}' sees a tensor that"
+            raise UnsupportedGraphError(
+                f"block '{region.path}' ({region.type_name}): {what} has shape {shape}, whose dim 0 is not the "
+                f"batch size {batch} of example_inputs; DFQ picks one precision per sample along dim 0. Fix: keep "
+                f"the batch first in the model (e.g. nn.TransformerEncoderLayer(batch_first=True)), or gate other "
+                f"regions ({_OVERRIDE_HINT})"
+            )
 
 
 def _input_shapes(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs) -> dict[fx.Node, tuple[int, ...]]:
@@ -213,11 +280,15 @@ def annotate_blocks(
     if not blocks:
         found = "no module matched block_types/block_globs" if (block_types or block_globs) else "no residual block was found"
         raise UnsupportedGraphError(f"DFQ has nothing to gate: {found} (a gated block must contain a quantized op); {_OVERRIDE_HINT}")
-    shapes = _input_shapes(out, {b.x for b in blocks}, example_inputs)
+    shapes = _input_shapes(out, {v for b in blocks for _, v in _per_sample_values(b)}, example_inputs)
+    batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim()), None)
+    if batch is None:
+        raise ConfigError("example_inputs must contain a tensor with a batch dimension first, e.g. torch.randn(2, 3, 32, 32)")
     for index, region in enumerate(blocks):
         if region.x not in shapes:
             raise UnsupportedGraphError(f"the input of block '{region.path}' is not a tensor; {_OVERRIDE_HINT}")
-        spec = BlockSpec(index, region.path, region.type_name, shapes[region.x], region.shortcut is not None)
+        _check_batch_first(region, shapes, batch)
+        spec = BlockSpec(index, region.path, region.type_name, shapes[region.x][1:], region.shortcut is not None)
         for node in region.nodes:
             if _is_compute(node):
                 set_block(node, spec)

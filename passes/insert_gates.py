@@ -2,7 +2,7 @@
 
 For block i (BlockPorts from annotate_blocks), right after its input x_i:
 
-    e_i = fracfx_gate.embed.i(x_i)                  GateEmbedding
+    e_i = fracfx_gate.embed.i(x_i)                  GateEmbedding (conv maps) or TokenGateEmbedding
     s_i = fracfx_gate.lstm(e_i[, s_{i-1}])          the ONE shared LSTMCell (no state at block 0)
     l_i = fracfx_gate.head(s_i[0])                  the shared Linear(hidden -> K)
     m_i = fracfx_gate.choice.i(l_i)                 GateChoice: one-hot forward, softmax backward
@@ -13,6 +13,14 @@ and inside the block (ops with a QuantBinding from insert_quant):
     GradQuant(y) -> MixedGradQuant(y, m_i)          (same path; its rounding generator state kept)
     with an "fp32" candidate: y -> fracfx_gate.fp32.<op>(y, m_i, x~, W, ...) before the GradQuant
     with a "skip" candidate:  out_i -> fracfx_gate.skip.i(out_i, shortcut_i, m_i) for its users
+
+The embedding reads x_i in the layout of `embed_layout`; "auto" takes it per block from the
+block's first conv/linear/matmul (execution order, quantized or not): a conv reads channels at
+dim 1 ("channels_first"), a linear or matmul reads features at the last dim ("tokens"). So the
+rule follows what the block itself does with its input, not the input's rank alone: (C, L)
+Conv1d maps and (T, C) token sequences have the same rank, as have (C, H, W) maps and swin's
+channels-last (H, W, C). A block whose first op reads a permuted copy of its input can be
+misread: force the layout with DFQConfig(embed_layout=...).
 
 The gate nodes are ordinary graph nodes: print(gm.graph) shows them.
 """
@@ -25,10 +33,11 @@ from typing import Sequence
 import torch.fx as fx
 from torch import nn
 
+from fracfx.config import EMBED_LAYOUTS
 from fracfx.dfq_modules import FP32Rows, MixedActQuant, MixedGradQuant, SkipMix
 from fracfx.errors import ConfigError, PassError, UnsupportedGraphError
-from fracfx.gates import CandidateTable, GateChoice, GateEmbedding
-from fracfx.meta import Inserted, get_binding, get_block, get_block_ports, set_block, set_inserted
+from fracfx.gates import CandidateTable, GateChoice, gate_embedding
+from fracfx.meta import Inserted, get_binding, get_block, get_block_ports, get_quant_spec, set_block, set_inserted
 from fracfx.passes.infra import copy_graph, rebuild
 
 GATE_ROOT = "fracfx_gate"
@@ -43,6 +52,18 @@ def _ports(graph: fx.Graph):
     return specs, ports
 
 
+def _layouts(graph: fx.Graph, indices, embed_layout: str) -> dict[int, str]:
+    """Per block index: where its input's channels are (see the module docstring)."""
+    if embed_layout != "auto":
+        return dict.fromkeys(indices, embed_layout)
+    layouts: dict[int, str] = {}
+    for node in graph.nodes:  # execution order: the first conv/linear/matmul of each block decides
+        spec, quant = get_block(node), get_quant_spec(node)
+        if spec is not None and quant is not None and spec.index not in layouts and quant.kind in ("conv", "linear", "matmul"):
+            layouts[spec.index] = "channels_first" if quant.kind == "conv" else "tokens"
+    return layouts
+
+
 def insert_gates(
     gm: fx.GraphModule,
     /,
@@ -50,13 +71,17 @@ def insert_gates(
     candidates: Sequence,
     embed_dims: Sequence[int] = (32, 16),
     hidden: int = 16,
+    embed_layout: str = "auto",
 ) -> fx.GraphModule:
     """Return a copy of gm with a gate per annotated block and mixed quantizers inside it."""
+    if embed_layout not in EMBED_LAYOUTS:
+        raise ConfigError(f"embed_layout must be one of {EMBED_LAYOUTS}, got {embed_layout!r}")
     table = CandidateTable(tuple(candidates))
     graph, _ = copy_graph(gm)
     specs, ports = _ports(graph)
     if not specs:
         raise PassError("insert_gates found no annotated block: run annotate_blocks first")
+    layouts = _layouts(graph, specs, embed_layout)
     if table.skip_index is not None:
         for spec in specs.values():
             if not spec.residual:
@@ -81,11 +106,12 @@ def insert_gates(
     for index in sorted(specs):
         spec, x = specs[index], ports["input"][index]
         if len(spec.input_shape) < 1:
-            raise UnsupportedGraphError(f"the input of block '{spec.module_path}' has no channel dimension; a gate embeds (B, C, ...) tensors")
+            raise UnsupportedGraphError(f"the input of block '{spec.module_path}' has no channel dimension; a gate embeds (B, C, ...) or (B, T, C) tensors")
+        embedding = gate_embedding(layouts[index], spec.input_shape, tuple(embed_dims))
         position = {node: i for i, node in enumerate(graph.nodes)}
         anchor = x if last is None or position[x] > position[last] else last
         with graph.inserting_before(anchor.next):
-            embed = add(f"{GATE_ROOT}.embed.{index}", (x,), "gate_embed", spec, GateEmbedding(spec.input_shape[0], tuple(embed_dims)))
+            embed = add(f"{GATE_ROOT}.embed.{index}", (x,), "gate_embed", spec, embedding)
             state = add(f"{GATE_ROOT}.lstm", (embed,) if state is None else (embed, state), "gate_step", spec)
             h = add(operator.getitem, (state, 0), "gate_state", spec, op="call_function")
             logits = add(f"{GATE_ROOT}.head", (h,), "gate_head", spec)
