@@ -72,6 +72,7 @@ def transform(
         lambda gm: insert_quant(
             gm, act_bits=act_bits, weight_bits=config.weight_bits, grad_bits=grad_bits,
             act_momentum=config.act_momentum, stochastic_grad=config.stochastic_grad,
+            integer_zero_point=getattr(config, "integer_zero_point", False),
         ),
     ))
     if dfq:

@@ -86,6 +86,10 @@ class QuantConfig(_Config):
     keep_fp32: module-name globs (fnmatch, e.g. "layer4.*") of ops to leave in FP32, plus the
     shortcuts "@first" and "@last" for the first and last quantizable op. The default keeps the
     final classifier in FP32, as the paper does; `keep_fp32=()` quantizes every supported op.
+
+    integer_zero_point: train on the grid ONNX can express (lo = -zp * s with an integer zp, see
+    fracfx.quant.integer_grid) instead of FRACTRAIN.md's real-valued lo, so that the exported
+    model computes what was trained (export otherwise nudges lo by up to half a step).
     """
 
     KIND: ClassVar[str] = "quant"
@@ -100,8 +104,11 @@ class QuantConfig(_Config):
     leaf_modules: tuple[str, ...] = ()
     trace_fallback: bool = False
     replace_attention: bool = True  # open nn.MultiheadAttention into quantizable linears/matmuls
+    integer_zero_point: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.integer_zero_point, bool):
+            raise ConfigError(f"integer_zero_point must be True or False, got {self.integer_zero_point!r}")
         for name in ("act_bits", "weight_bits", "grad_bits"):
             object.__setattr__(self, name, check_bits(getattr(self, name), name))
         object.__setattr__(self, "keep_fp32", _as_str_tuple(self.keep_fp32, "keep_fp32"))

@@ -23,26 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fracfx.quant import qmax_of, scale_of
-
-
-def integer_grid(lo: torch.Tensor, rng: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale, zero_point, extended) for the training range [lo, lo + rng] at `bits`.
-
-    scale equals the training step max(rng / qmax, 1e-8) wherever lo <= 0 <= lo + rng;
-    zero_point = clamp(round(-lo / scale), 0, qmax) (int64); `extended` marks the entries whose
-    range had to be widened to contain 0 (their scale grew).
-    """
-    qmax = qmax_of(bits)
-    lo = lo.detach().float()
-    rng = rng.detach().float()
-    hi = lo + rng
-    extended = (lo > 0) | (hi < 0)
-    wide_lo = torch.clamp(lo, max=0.0)
-    wide_rng = torch.where(extended, torch.clamp(hi, min=0.0) - wide_lo, rng)
-    scale = scale_of(wide_rng, qmax)
-    zero_point = torch.clamp(torch.round(-wide_lo / scale), 0, qmax).to(torch.int64)
-    return scale, zero_point, extended
+from fracfx.quant import integer_grid, qmax_of, scale_of  # noqa: F401  (integer_grid re-exported)
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:

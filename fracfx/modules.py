@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fracfx.bits import FP32, check_bits
-from fracfx.quant import FakeQuantSTE, GradQuantFn, channel_range, qmax_of, tensor_range
+from fracfx.quant import FakeQuantSTE, GradQuantFn, channel_range, grid_of, qmax_of, tensor_range
 
 
 def _refresh_bits_mirror(module: "_Quantizer", incompatible_keys) -> None:
@@ -39,15 +39,17 @@ class _Quantizer(nn.Module):
         self._bits = bits
 
     def extra_repr(self) -> str:
-        return f"bits={self._bits or 'fp32'}"
+        grid = ", integer_zero_point=True" if getattr(self, "integer_zero_point", False) else ""
+        return f"bits={self._bits or 'fp32'}{grid}"
 
 
 class ActQuant(_Quantizer):
     """Activation fake quant: per-tensor batch min/max in training, running ranges in eval."""
 
-    def __init__(self, bits: int | None = 8, momentum: float = 0.9):
+    def __init__(self, bits: int | None = 8, momentum: float = 0.9, integer_zero_point: bool = False):
         super().__init__(bits)
         self.momentum = float(momentum)
+        self.integer_zero_point = bool(integer_zero_point)
         self.register_buffer("running_lo", torch.zeros(()))
         self.register_buffer("running_range", torch.zeros(()))
 
@@ -59,7 +61,8 @@ class ActQuant(_Quantizer):
             lo, rng = self.running_lo, self.running_range
         if self._bits == FP32:
             return x
-        return FakeQuantSTE.apply(x, lo, rng, qmax_of(self._bits))
+        lo, step = grid_of(lo, rng, self._bits, self.integer_zero_point)
+        return FakeQuantSTE.apply(x, lo, step, qmax_of(self._bits))
 
     @torch.no_grad()
     def _track(self, lo: torch.Tensor, rng: torch.Tensor) -> None:
@@ -71,15 +74,17 @@ class ActQuant(_Quantizer):
 class WeightQuant(_Quantizer):
     """Weight fake quant per output channel (axis 0), from the live FP32 weight every forward."""
 
-    def __init__(self, bits: int | None = 8, axis: int = 0):
+    def __init__(self, bits: int | None = 8, axis: int = 0, integer_zero_point: bool = False):
         super().__init__(bits)
         self.axis = axis
+        self.integer_zero_point = bool(integer_zero_point)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self._bits == FP32:
             return w
         lo, rng = channel_range(w, self.axis)
-        return FakeQuantSTE.apply(w, lo, rng, qmax_of(self._bits))
+        lo, step = grid_of(lo, rng, self._bits, self.integer_zero_point)
+        return FakeQuantSTE.apply(w, lo, step, qmax_of(self._bits))
 
 
 class GradQuant(_Quantizer):

@@ -29,7 +29,11 @@ def fake_quant(x: torch.Tensor, lo: torch.Tensor, rng: torch.Tensor, qmax, noise
     `qmax` is 2^b - 1, a Python int or a tensor broadcasting against x (per-sample bits).
     With `noise` (same shape as x, values in [-0.5, 0.5)), rounding is stochastic.
     """
-    s = scale_of(rng, qmax)
+    return fake_quant_scaled(x, lo, scale_of(rng, qmax), qmax, noise)
+
+
+def fake_quant_scaled(x: torch.Tensor, lo: torch.Tensor, s: torch.Tensor, qmax, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """fake_quant with the step s given instead of the range (s = scale_of(R, qmax))."""
     v = (x - lo).div_(s)
     if noise is not None:
         v.add_(noise)
@@ -40,6 +44,36 @@ def fake_quant(x: torch.Tensor, lo: torch.Tensor, rng: torch.Tensor, qmax, noise
     else:
         v.clamp_(0, qmax)
     return v.round_().mul_(s).add_(lo)
+
+
+def integer_grid(lo: torch.Tensor, rng: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, zero_point, extended): the integer zero-point grid nearest to [lo, lo + rng].
+
+    ONNX DequantizeLinear computes (q - zp) * s with an integer zp, so the grid must be
+    -zp * s + k * s. The step s is kept exactly (the training step max(rng / qmax, 1e-8))
+    wherever lo <= 0 <= lo + rng, and zp = clamp(round(-lo / s), 0, qmax), moving the grid by at
+    most s / 2 (the TensorFlow / PyTorch observer "nudge"). A range that does not contain 0 is
+    first widened to include it (`extended` marks those entries; their step grows).
+    """
+    qmax = qmax_of(bits)
+    lo = lo.detach().float()
+    rng = rng.detach().float()
+    hi = lo + rng
+    extended = (lo > 0) | (hi < 0)
+    wide_lo = torch.clamp(lo, max=0.0)
+    wide_rng = torch.where(extended, torch.clamp(hi, min=0.0) - wide_lo, rng)
+    scale = scale_of(wide_rng, qmax)
+    zero_point = torch.clamp(torch.round(-wide_lo / scale), 0, qmax).to(torch.int64)
+    return scale, zero_point, extended
+
+
+def grid_of(lo: torch.Tensor, rng: torch.Tensor, bits: int, integer_zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, s) of the grid the training quantizer uses: FRACTRAIN.md's real-valued lo, or the
+    integer zero-point grid that ONNX export reproduces exactly (QuantConfig.integer_zero_point)."""
+    if not integer_zero_point:
+        return lo, scale_of(rng, qmax_of(bits))
+    scale, zero_point, _ = integer_grid(lo, rng, bits)
+    return -(zero_point.to(scale.dtype) * scale), scale
 
 
 def rounding_noise(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -84,11 +118,11 @@ def channel_range(w: torch.Tensor, axis: int = 0) -> tuple[torch.Tensor, torch.T
 
 
 class FakeQuantSTE(torch.autograd.Function):
-    """fake_quant in forward, identity in backward (straight-through, no clipping mask)."""
+    """fake_quant_scaled in forward, identity in backward (straight-through, no clipping mask)."""
 
     @staticmethod
-    def forward(ctx, x, lo, rng, qmax):
-        return fake_quant(x, lo, rng, qmax)
+    def forward(ctx, x, lo, s, qmax):
+        return fake_quant_scaled(x, lo, s, qmax)
 
     @staticmethod
     def backward(ctx, grad):

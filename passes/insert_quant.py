@@ -50,6 +50,7 @@ def insert_quant(
     grad_bits: int = 8,
     act_momentum: float = 0.9,
     stochastic_grad: bool = True,
+    integer_zero_point: bool = False,
 ) -> fx.GraphModule:
     """Return a copy of gm with quantizer nodes around every node whose QuantSpec says quantize."""
     graph, _ = copy_graph(gm)
@@ -72,18 +73,18 @@ def insert_quant(
             if spec.kind == "matmul":
                 acts = []
                 for i, operand in enumerate(node.args[:2]):
-                    acts.append(add(f"{name}.act{i}", ActQuant(act_bits, act_momentum), (operand,), node, "act_quant"))
+                    acts.append(add(f"{name}.act{i}", ActQuant(act_bits, act_momentum, integer_zero_point), (operand,), node, "act_quant"))
                 compute = graph.call_function(torch.matmul, tuple(acts))
                 weight_name = None
             else:
                 x = _slot(node, 0, "input")
-                act = add(f"{name}.act", ActQuant(act_bits, act_momentum), (x,), node, "act_quant")
+                act = add(f"{name}.act", ActQuant(act_bits, act_momentum, integer_zero_point), (x,), node, "act_quant")
                 acts = [act]
                 if node.op == "call_module":
                     raw_weight = graph.get_attr(f"{node.target}.weight")
                 else:
                     raw_weight = _slot(node, 1, "weight")
-                weight = add(f"{name}.weight", WeightQuant(weight_bits), (raw_weight,), node, "weight_quant")
+                weight = add(f"{name}.weight", WeightQuant(weight_bits, integer_zero_point=integer_zero_point), (raw_weight,), node, "weight_quant")
                 weight_name = weight.target
                 if node.op == "call_module":
                     compute = _functional_module_call(gm, graph, node, act, weight)
