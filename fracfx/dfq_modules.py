@@ -146,7 +146,7 @@ class MixedGradQuant(GradQuant):
             return y
         choice = choice_of(mask)
         sample_qmax = self.candidate_qmax[choice]
-        return GradQuantFn.apply(y, 0, self.generator_for(y.device), self.stochastic, sample_qmax, choice)
+        return GradQuantFn.apply(y, 0, self.generator_for(y.device), self.stochastic, sample_qmax, choice, self.copy_output)
 
     def extra_repr(self) -> str:
         return f"candidates={self.table.labels}, stochastic={self.stochastic}"

@@ -94,9 +94,10 @@ class GradQuant(_Quantizer):
     state), so a resumed run draws exactly the noise an uninterrupted one would have drawn.
     """
 
-    def __init__(self, bits: int | None = 8, stochastic: bool = True, seed: int = 0):
+    def __init__(self, bits: int | None = 8, stochastic: bool = True, seed: int = 0, copy_output: bool = True):
         super().__init__(bits)
         self.stochastic = bool(stochastic)
+        self.copy_output = bool(copy_output)  # False only when no consumer writes in place
         self._generator = torch.Generator().manual_seed(seed)
 
     def generator_for(self, device: torch.device) -> torch.Generator:
@@ -113,7 +114,7 @@ class GradQuant(_Quantizer):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if self._bits == FP32 or not y.requires_grad:
             return y
-        return GradQuantFn.apply(y, qmax_of(self._bits), self.generator_for(y.device), self.stochastic, None)
+        return GradQuantFn.apply(y, qmax_of(self._bits), self.generator_for(y.device), self.stochastic, None, None, self.copy_output)
 
     def get_extra_state(self):
         return {"device": self._generator.device.type, "state": self._generator.get_state()}

@@ -140,12 +140,13 @@ class GradQuantFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, qmax, generator, stochastic, sample_qmax, sample_group=None):
+    def forward(ctx, y, qmax, generator, stochastic, sample_qmax, sample_group=None, copy_output=True):
         ctx.qmax, ctx.generator, ctx.stochastic, ctx.sample_qmax = qmax, generator, stochastic, sample_qmax
         ctx.sample_group = sample_group
-        # a fresh tensor, not a view of y: ops that write in place right after the compute op
-        # (conv -> ReLU(inplace=True), `out += x`) are refused on views made inside a Function
-        return y.clone()
+        # Autograd refuses in-place writes (conv -> ReLU(inplace=True)) on a view made inside a
+        # Function, so such consumers get a copy; insert_quant knows the consumers and turns the
+        # copy off when none writes in place (saves one pass over every output).
+        return y.clone() if copy_output else y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
@@ -155,7 +156,7 @@ class GradQuantFn(torch.autograd.Function):
             out = fake_quant(grad, lo, rng, ctx.qmax, noise)
         else:
             out = _grouped_quant(grad, ctx.sample_qmax, noise, ctx.sample_group)
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None
 
 
 def _grouped_quant(grad: torch.Tensor, sample_qmax: torch.Tensor, noise, groups: torch.Tensor | None = None) -> torch.Tensor:

@@ -145,6 +145,7 @@ def _mix_quantizers(gm: fx.GraphModule, graph: fx.Graph, table: CandidateTable, 
         grad_node = by_target[binding.grad]
         old = gm.get_submodule(binding.grad)
         mixed = MixedGradQuant(table, old.stochastic)
+        mixed.copy_output = old.copy_output
         mixed.set_extra_state(old.get_extra_state())
         modules[binding.grad] = mixed
         y = compute

@@ -23,6 +23,23 @@ QUANT_ROOT = "fracfx_quant"
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def _written_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a consumer of node's output may write to it in place (then GradQuant copies).
+
+    Conservative: in-place modules (inplace=True), methods and functions whose name ends in "_",
+    and any call passing inplace=True or a literal True after the input count as writers.
+    """
+    for user in node.users:
+        if user.op == "call_module":
+            if getattr(gm.get_submodule(user.target), "inplace", False):
+                return True
+            continue
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if name.endswith("_") or user.kwargs.get("inplace") is True or any(a is True for a in user.args[1:]):
+            return True
+    return False
+
+
 def _slot(node: fx.Node, index: int, name: str):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
@@ -98,7 +115,8 @@ def insert_quant(
                             kwargs[key] = value
                     compute = graph.call_function(node.target, tuple(args), kwargs)
             compute.meta.update(node.meta)
-            grad = add(f"{name}.grad", GradQuant(grad_bits, stochastic_grad, seed=seed), (compute,), node, "grad_quant")
+            grad_quant = GradQuant(grad_bits, stochastic_grad, seed=seed, copy_output=_written_in_place(gm, node))
+            grad = add(f"{name}.grad", grad_quant, (compute,), node, "grad_quant")
             seed += 1
         set_binding(compute, QuantBinding(act=tuple(a.target for a in acts), weight=weight_name, grad=grad.target))
         node.replace_all_uses_with(grad)

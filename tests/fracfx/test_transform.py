@@ -165,3 +165,23 @@ def test_config_rejects_bad_values_with_fixes():
         fracfx.QuantConfig(keep_fp32="@last")
     with pytest.raises(fracfx.ConfigError, match="did you mean 'act_bits'"):
         fracfx.QuantConfig.from_dict({"kind": "quant", "version": 1, "act_bit": 4})
+
+
+class InPlaceAfterConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.conv2(self.relu(self.conv(x))).relu()
+
+
+def test_gradient_quantizer_copies_only_for_in_place_consumers():
+    gm = fracfx.transform(InPlaceAfterConv(), fracfx.QuantConfig(keep_fp32=()))
+    copies = {name: m.copy_output for name, m in gm.named_modules() if isinstance(m, GradQuant)}
+    assert sorted(copies.values()) == [False, True], copies  # conv feeds ReLU(inplace), conv2 does not
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    gm(x).sum().backward()  # would raise if the in-place ReLU wrote into a view
+    assert torch.isfinite(x.grad).all()
