@@ -70,6 +70,16 @@ class Option:
     nargs: str | None = None
 
 
+class MethodDefault:
+    """A TrainConfig default the method may override (Method.field_defaults), else `value`."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"MethodDefault({self.value!r})"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything that defines a training run. None means "derive it" (see plan_run())."""
@@ -91,7 +101,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     act_bits: int = 8  # static
-    weight_bits: int = 8
+    weight_bits: int = MethodDefault(8)  # 8; dfq/fractrain: 4 (their Method.field_defaults)
     grad_bits: int = 8
     num_bits_schedule: tuple[int, ...] = (3, 4, 6, 8)  # pfq: forward bits per stage
     num_grad_bits_schedule: tuple[int, ...] = (6, 6, 8, 8)  # pfq: gradient bits per stage
@@ -108,6 +118,10 @@ class TrainConfig:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # method-specific
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if isinstance(getattr(self, field.name), MethodDefault):
+                fallback = getattr(self, field.name).value
+                object.__setattr__(self, field.name, get_method(self.method).field_defaults.get(field.name, fallback))
         for name in ("iters", "train_subset", "test_subset", "test_batch_size", "window", "eval_every"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -224,6 +238,7 @@ class Method:
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
+    field_defaults: ClassVar[dict[str, Any]] = {}  # TrainConfig fields this method defaults differently
 
     def __init__(self, config: TrainConfig, plan: Plan):
         self.config, self.plan = config, plan
@@ -265,6 +280,13 @@ class Method:
 
     def after_step(self, loss: float) -> None:
         """Called after optimizer.step() with this iteration's cross-entropy."""
+
+    def after_evaluate(self) -> None:
+        """Called after each evaluation's metrics record, before its checkpoint (reset per-window state here)."""
+
+    def export_model(self) -> nn.Module:
+        """The trained model at one fixed precision, for `fracfx export` / `fracfx inspect` (DFQ pins its gates)."""
+        return self.model
 
     def precision(self) -> Precision:
         raise NotImplementedError
@@ -446,6 +468,89 @@ def resolve_checkpoint(resume: str | os.PathLike) -> Path:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; --resume takes a run directory or its {CHECKPOINT}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained models back from checkpoints (fracfx export / fracfx inspect)
+
+
+@dataclasses.dataclass
+class TrainedCheckpoint:
+    """A training checkpoint rebuilt: config, plan, dataset info, the method (state loaded) and its model."""
+
+    path: Path
+    config: TrainConfig
+    plan: Plan
+    dataset: dict[str, Any]
+    method: Method
+    model: nn.Module
+    example_input: torch.Tensor
+    state: dict[str, Any]
+
+
+def _dataset_info(state: dict, path: Path, config: TrainConfig) -> dict[str, Any]:
+    """The checkpoint's own record, else config.json beside it, else the dataset itself."""
+    if isinstance(state.get("dataset"), dict):
+        return dict(state["dataset"])
+    beside = path.parent / CONFIG
+    if beside.is_file():
+        saved = json.loads(beside.read_text(encoding="utf-8"))
+        if saved.get("config") == state["config"] and isinstance(saved.get("dataset"), dict):
+            return saved["dataset"]
+    from fracfx.data import build_datasets
+
+    return build_datasets(config.dataset, datadir=config.datadir, download=False, seed=config.seed)[2].to_dict()
+
+
+def load_trained(path: str | os.PathLike) -> TrainedCheckpoint:
+    """Rebuild the model of a `fracfx train` checkpoint (a run directory or its checkpoint.pt).
+
+    The model is rebuilt the way the run built it (the method's build() on the float model of
+    the stored config), then the checkpoint's weights, quantizer state and method state (DFQ
+    controller, FracTrain scheduler) are loaded; the file is read with weights_only=True
+    (runtime/checkpoint.py). The model is returned in eval mode. Global RNG state is untouched.
+    """
+    from fracfx.models import build_model
+    from fracfx.runtime.checkpoint import load_checkpoint
+
+    path = resolve_checkpoint(path)
+    state = load_checkpoint(path)
+    if state.get("kind") != RUN_KIND:
+        raise CheckpointError(f"{path} is a fracfx checkpoint but not of a training run (kind {state.get('kind')!r})")
+    config = TrainConfig.from_dict(state["config"])
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["plan"].items()})
+    info = _dataset_info(state, path, config)
+    size, channels = int(info["input_size"]), int(info["in_channels"])
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; they are overwritten below
+        float_model = build_model(config.arch, num_classes=int(info["num_classes"]), in_channels=channels, input_size=(size, size))
+        method = get_method(config.method)(config, plan)
+        model = method.build(float_model, torch.zeros(2, channels, size, size))
+    try:
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+    except (RuntimeError, KeyError, ConfigError) as error:
+        raise CheckpointError(f"{path} does not fit the model its config builds ({type(error).__name__}: {error})") from error
+    model.eval()
+    return TrainedCheckpoint(path, config, plan, info, method, model, torch.zeros(1, channels, size, size), state)
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, torch.Tensor]:
+    """(fixed-precision GraphModule, example input) of a training checkpoint, for fracfx export.
+
+    Quantized runs give their transformed model at the bits in force at the checkpoint; DFQ and
+    FracTrain runs give it with every gated block pinned at its most used candidate (see
+    fracfx.train_dfq); an FP32 run gives its float model traced with 0-bit (FP32) quantizers.
+    """
+    loaded = load_trained(path)
+    from torch import fx
+
+    gm = loaded.method.export_model()
+    if not isinstance(gm, fx.GraphModule):
+        from fracfx.api import transform
+        from fracfx.config import QuantConfig
+
+        gm = transform(gm, QuantConfig(act_bits=0, weight_bits=0, grad_bits=0, keep_fp32=()), example_inputs=loaded.example_input)
+    return gm.eval(), loaded.example_input
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,6 +736,7 @@ class _Session:
         record[TIMING_KEY] = {"elapsed_s": round(self.elapsed(), 3), "unix_time": round(time.time(), 3)}
         self.metrics.append(record)
         self.window = _fresh_window()
+        self.method.after_evaluate()
         save_checkpoint(self.run_dir / CHECKPOINT, self.payload())
         # After the checkpoint: a crash in between is repaired by restore(), which rewrites
         # metrics.jsonl from the checkpoint's own list.
@@ -648,6 +754,7 @@ class _Session:
             "cost": self.meter.state_dict(), "rng": rng_state(),
             "data": {"seed": self.config.seed, "epoch": self.iteration // per_epoch, "batch": self.iteration % per_epoch},
             "metrics": self.metrics, "accumulators": dict(self.window), "elapsed_s": self.elapsed(),
+            "dataset": self.info.to_dict(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -721,9 +828,11 @@ def _metrics_record(iteration, plan, window, test_loss, test_acc, lr_schedule, p
 def _eval_line(record: dict) -> str:
     stage = "" if record["stage"] is None else f" stage {record['stage']}"
     b = record["bits"]
+    state = record.get("method_state") or {}
+    steer = f"  cp {state['cp']:.3f}% (set-point {state['target']:g})" if state.get("cp") is not None and "target" in state else ""
     return (
         f"iter {record['iteration']:>6}  epoch {record['epoch']:.2f}  train loss {record['train_loss']:.4f}  "
-        f"test acc {record['test_acc']:.2f}%{stage}  bits A{b['act']}/W{b['weight']}/G{b['grad']}  "
+        f"test acc {record['test_acc']:.2f}%{stage}  bits A{b['act']}/W{b['weight']}/G{b['grad']}{steer}  "
         f"cost {100 * record['cost_vs_sbm']:.1f}% of static 8-bit"
     )
 

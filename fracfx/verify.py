@@ -175,3 +175,15 @@ def compare_latency(qdq, fp32, inputs, *, runs: int = 20, threads: int = 1) -> L
         batch=int(inputs[0].shape[0]),
         threads=threads,
     )
+
+
+def dataset_accuracy(model_or_path, loader, *, level: str = "enable_all", threads: int = 1) -> tuple[float, int]:
+    """(top-1 accuracy in %, samples) of an ONNX model over a (inputs, labels) loader."""
+    sess = session(model_or_path, level, threads=threads)
+    name = sess.get_inputs()[0].name
+    correct = total = 0
+    for inputs, labels in loader:
+        logits = sess.run(None, {name: inputs.numpy()})[0]
+        correct += int((logits.argmax(1) == labels.numpy()).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1), total

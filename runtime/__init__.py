@@ -7,7 +7,8 @@ Importing this package loads only torch and fracfx's leaf modules.
 
 from fracfx.runtime.cost import CostMeter, pfq_cost_fraction
 from fracfx.runtime.dfq import DFQController, FracTrainScheduler
+from fracfx.runtime.dfq_cost import DFQCostMeter
 from fracfx.runtime.pfq import PFQScheduler
 from fracfx.runtime.plateau import PlateauIndicator, PlateauTracker
 
-__all__ = ["PlateauIndicator", "PlateauTracker", "PFQScheduler", "CostMeter", "pfq_cost_fraction", "DFQController", "FracTrainScheduler"]
+__all__ = ["PlateauIndicator", "PlateauTracker", "PFQScheduler", "CostMeter", "pfq_cost_fraction", "DFQController", "FracTrainScheduler", "DFQCostMeter"]

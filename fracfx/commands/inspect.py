@@ -3,6 +3,11 @@
 MODEL is a zoo name, a torchvision classification model or `package.module:factory`; resolving
 it is one function (resolve_model) so checkpoints or .onnx files can be added there later.
 The report is plain data (inspect_report) rendered separately as rich tables or as JSON.
+
+A training run (its folder, or its checkpoint.pt) shows the trained model as `fracfx export`
+would write it (fracfx.train.model_from_checkpoint: DFQ/FracTrain blocks pinned at their most
+used candidate), the run's cost so far, and for DFQ/FracTrain the candidate usage per block
+(training samples over the run; the last evaluation's test samples) from the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ KEEP_NOTHING = "none"  # `--keep-fp32 none`: quantize every supported op
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("inspect", help="show the quantized graph: ops, bits, MACs, cost vs FP32 and static 8-bit")
-    parser.add_argument("model", metavar="MODEL", help="zoo name (cifar_resnet38), torchvision name (resnet18) or package.module:factory")
+    parser.add_argument("model", metavar="MODEL", help="zoo name (cifar_resnet38), torchvision name (resnet18), package.module:factory, "
+                        "or a `fracfx train` run folder / checkpoint.pt")
     parser.add_argument("--act-bits", type=int, default=8, help="activation bits, 0 = FP32 (default 8)")
     parser.add_argument("--weight-bits", type=int, default=8, help="weight bits, 0 = FP32 (default 8)")
     parser.add_argument("--grad-bits", type=int, default=8, help="gradient bits, 0 = FP32 (default 8)")
@@ -165,9 +171,104 @@ def render_tables(report: dict) -> list:
     return [ops, summary, fp32]
 
 
+def is_checkpoint(spec: str) -> bool:
+    from pathlib import Path
+
+    from fracfx.train import CHECKPOINT
+
+    path = Path(spec)
+    return (path.is_dir() and (path / CHECKPOINT).is_file()) or (path.is_file() and path.suffix == ".pt")
+
+
+def checkpoint_report(spec: str) -> dict:
+    """inspect_report of a training checkpoint's model, plus the run's state (cost, DFQ usage)."""
+    from fracfx.train import load_trained
+
+    loaded = load_trained(spec)
+    method = loaded.method
+    gm = method.export_model()
+    if not isinstance(gm, torch.fx.GraphModule):
+        from fracfx.train import model_from_checkpoint
+
+        gm, _ = model_from_checkpoint(spec)
+    config = loaded.config
+    pinned = ", gated blocks at their pinned candidate" if hasattr(method, "pinned_candidates") else ""
+    report = inspect_report(gm, model_name=f"{loaded.path} ({config.method} {config.arch}{pinned})", input_shape=tuple(loaded.example_input.shape), config=config)
+    state = loaded.state
+    run = {"path": str(loaded.path), "method": config.method, "iteration": state["iteration"], "finished": state["finished"],
+           "iterations": loaded.plan.iterations, "last_metrics": _plain_metrics(state["metrics"][-1]) if state["metrics"] else None}
+    if hasattr(method, "pinned_candidates"):
+        train_usage = {name: list(counts) for name, counts in method.controller.usage_counts.items()}
+        run["dfq"] = {
+            "candidates": list(method.labels), "target_ratio": method.controller.target_ratio, "pinned": method.pinned_candidates(),
+            "train_usage": train_usage, "eval_usage": method.track["last_eval_usage"], "stage_cp": method.stage_cp(),
+        }
+    report["run"] = run
+    return report
+
+
+def _plain_metrics(record: dict) -> dict:
+    keep = ("iteration", "test_acc", "train_loss", "effective_macs", "cost_vs_fp32", "cost_vs_sbm", "turning_points", "stage")
+    return {k: record.get(k) for k in keep}
+
+
+def render_run(report: dict) -> list:
+    """The run part of a checkpoint report as rich renderables (DFQ: usage per block)."""
+    from rich.table import Table
+
+    run = report["run"]
+    out = []
+    table = Table(title=f"training run: {run['method']}, iteration {run['iteration']} of {run['iterations']}"
+                  + ("" if run["finished"] else " (unfinished)"), title_justify="left", show_header=False)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    last = run["last_metrics"]
+    if last:
+        table.add_row("test accuracy at the last evaluation", f"{last['test_acc']:.2f} %")
+        table.add_row("effective MACs so far", f"{last['effective_macs']:.4g}")
+        table.add_row("vs FP32 / static 8-bit training", f"{100 * last['cost_vs_fp32']:.2f} % / {100 * last['cost_vs_sbm']:.2f} %")
+    dfq = run.get("dfq")
+    if dfq:
+        table.add_row("cp set-point now", f"{dfq['target_ratio']:g}")
+        for stage, s in sorted(dfq["stage_cp"].items(), key=lambda kv: int(kv[0])):
+            table.add_row(f"stage {stage}: mean cp vs set-point", f"{s['cp']:.3f} vs {s['target']:g} ({s['iterations']} it.)")
+    out.append(table)
+    if dfq:
+        usage = Table(title="DFQ candidate usage per block (% of samples): training over the run | last evaluation (test); "
+                      "pinned = exported precision", title_justify="left")
+        usage.add_column("block")
+        for label in dfq["candidates"]:
+            usage.add_column(label, justify="right")
+        usage.add_column("pinned")
+        for block, counts in dfq["train_usage"].items():
+            test = (dfq["eval_usage"] or {}).get(block)
+            total, test_total = max(sum(counts), 1), max(sum(test), 1) if test else 1
+            cells = [f"{100 * c / total:.1f}" + (f" | {100 * t / test_total:.1f}" if test else "") for c, t in zip(counts, test or [0] * len(counts))]
+            usage.add_row(block, *cells, dfq["pinned"][block])
+        out.append(usage)
+    return out
+
+
+def run_checkpoint(args) -> int:
+    report = checkpoint_report(args.model)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal and console.width <= 80:
+        console = Console(width=160)
+    for renderable in render_tables(report) + render_run(report):
+        console.print(renderable)
+    return 0
+
+
 def run(args) -> int:
     import fracfx
 
+    if is_checkpoint(args.model):
+        return run_checkpoint(args)
     config = build_config(args)
     resolved = resolve_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels, input_size=args.input_size)
     example = torch.randn(1, args.in_channels, *resolved.input_size)

@@ -62,7 +62,7 @@ def register(subparsers) -> None:
     _flag(parser, "weight_decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
     static = parser.add_argument_group("static")
     _flag(static, "act_bits", type=int, help=f"activation bits, 0 = FP32 (default {d.act_bits})")
-    _flag(static, "weight_bits", type=int, help=f"weight bits, 0 = FP32 (default {d.weight_bits})")
+    _flag(static, "weight_bits", type=int, help=f"weight bits, 0 = FP32 (default {d.weight_bits}; dfq/fractrain: 4, their fixed weight precision)")
     _flag(static, "grad_bits", type=int, help=f"gradient bits, 0 = FP32 (default {d.grad_bits})")
     pfq = parser.add_argument_group("pfq")
     _flag(pfq, "num_bits_schedule", type=int, nargs="+", metavar="BITS", help=f"forward (activation and weight) bits per stage (default {' '.join(map(str, d.num_bits_schedule))})")
@@ -72,11 +72,20 @@ def register(subparsers) -> None:
     _flag(pfq, "decay", type=float, help=f"eps multiplier at the 1st and 2nd turning points (default {d.decay}; CIFAR scripts 0.4)")
     _flag(pfq, "window", type=int, help="iterations per indicator window (default: iterations / 30, FRACTRAIN.md section 9)")
     _flag(parser, "keep_fp32", nargs="*", metavar="GLOB", help="module globs, @first, @last kept in FP32; no value = quantize all (default @last)")
+    added: set[str] = set()
     for name, method in methods.items():
-        if method.options:
+        fresh = [o for o in method.options if o.name not in added]
+        if fresh:  # an option several methods declare (dfq and fractrain) is one flag, listed once
             group = parser.add_argument_group(name)
-            for option in method.options:
-                _flag(group, option.name, type=option.type, nargs=option.nargs, help=f"{option.help} (default {option.default})")
+            for option in fresh:
+                users = [m for m in methods.values() if any(o.name == option.name for o in m.options)]
+                defaults = {m.name: next(o.default for o in m.options if o.name == option.name) for m in users}
+                if len(set(map(str, defaults.values()))) > 1:
+                    default = "default " + ", ".join(f"{m} {d}" for m, d in defaults.items())
+                else:
+                    default = f"default {option.default}" + ("" if len(users) == 1 else f"; {' and '.join(defaults)}")
+                _flag(group, option.name, type=option.type, nargs=option.nargs, help=f"{option.help} ({default})")
+                added.add(option.name)
     run = parser.add_argument_group("run")
     _flag(run, "eval_every", type=int, metavar="ITERS", help="evaluate, log and checkpoint every ITERS iterations (default: once per epoch, at least 10 times)")
     _flag(run, "save_folder", help=f"run directory (default {d.save_folder})")
@@ -116,6 +125,25 @@ def config_from_args(args):
     return TrainConfig(**{k: v for k, v in given.items() if k in fields}, options=options)
 
 
+def _resumed_method(resume: str) -> str | None:
+    """The method of the run being resumed (from its config.json, else its checkpoint); None if unreadable."""
+    import json
+
+    from fracfx.errors import FracfxError
+    from fracfx.train import CONFIG, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(resume)
+    except FracfxError:
+        return None  # train() reports the missing checkpoint
+    try:
+        return json.loads((path.parent / CONFIG).read_text(encoding="utf-8"))["config"]["method"]
+    except (OSError, ValueError, KeyError, TypeError):
+        from fracfx.runtime.checkpoint import load_checkpoint
+
+        return load_checkpoint(path)["config"]["method"]
+
+
 def run_train(args) -> int:
     import torch
 
@@ -123,6 +151,8 @@ def run_train(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.resume is not None and args.method is None:
+        args.method = _resumed_method(args.resume)  # so method-specific flags given on resume are read as that method's
     config = config_from_args(args)
     if args.resume is None and config is None:
         config = TrainConfig()

@@ -47,6 +47,8 @@ PASSES = {
     "insert_quant": ("net", P.annotate_quant, P.insert_quant),
     "annotate_blocks": ("resnet", P.annotate_quant, lambda gm: P.annotate_blocks(gm, example_inputs=BLOCK_EXAMPLE)),
     "insert_gates": ("resnet", _quantized_blocks, lambda gm: P.insert_gates(gm, candidates=CIFAR_CANDIDATES)),
+    "pin_candidates": ("resnet", lambda gm: P.insert_gates(_quantized_blocks(gm), candidates=(*CIFAR_CANDIDATES, "skip", "fp32")),
+                       lambda gm: P.pin_candidates(gm, choices={i: i % 7 for i in range(9)})),
 }
 
 

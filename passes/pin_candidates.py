@@ -1,0 +1,120 @@
+"""pin_candidates: a DFQ GraphModule -> a static one, each gated block fixed at one candidate.
+
+    pinned = pin_candidates(qm, choices={0: 2, 1: 2, 2: 4, ...})   # block index -> candidate index
+
+Per gated block i pinned at candidate k of the CandidateTable:
+
+    MixedActQuant(x, m_i)   -> ActQuant(x) at a_k      (running range and momentum carried over)
+    MixedGradQuant(y, m_i)  -> GradQuant(y) at g_k     (rounding generator state carried over)
+    FP32Rows(y, m_i, ...)   -> y                       (k = "fp32": the op's quantizers go to 0 bits instead,
+                                                        its weight quantizer included)
+    SkipMix(out, sc, m_i)   -> sc if k is "skip" else out   (a skipped block's body becomes dead code;
+                                                        a projection shortcut stays, as in DFQ: FP32
+                                                        input, weight at its own bits)
+
+after which the gate subgraph feeds nothing and is removed. The result is an ordinary statically
+quantized model: cost_report, set_bits, freeze and export_onnx work on it as on any
+QuantConfig model, and in eval mode it computes exactly what the DFQ model computes for a
+sample whose gates all choose the pinned candidates (same running ranges, same weights).
+The input is not modified; unchanged submodules are shared with it (as in every pass).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fracfx.config import FP32_CANDIDATE, SKIP
+from fracfx.dfq_modules import MixedActQuant, MixedGradQuant
+from fracfx.errors import ConfigError, PassError
+from fracfx.gates import CandidateTable, GateChoice
+from fracfx.meta import get_binding, get_block, get_inserted
+from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.passes.infra import copy_graph, rebuild
+
+
+def gate_choices(gm: fx.GraphModule) -> dict[int, GateChoice]:
+    """Block index -> its GateChoice module, for every gate in gm."""
+    found = {}
+    for node in gm.graph.nodes:
+        inserted = get_inserted(node)
+        if inserted is not None and inserted.role == "gate_choice":
+            found[get_block(node).index] = gm.get_submodule(node.target)
+    return found
+
+
+def _bits(entry) -> tuple[int, int]:
+    """(act, grad) bits of a candidate entry; FP32 and skip run unquantized (0)."""
+    return (0, 0) if isinstance(entry, str) else (entry[0], entry[1])
+
+
+def _act(old: MixedActQuant, bits: int) -> ActQuant:
+    new = ActQuant(bits, old.momentum)
+    with torch.no_grad():
+        new.running_lo.copy_(old.running_lo)
+        new.running_range.copy_(old.running_range)
+    return new.train(old.training)
+
+
+def _grad(old: MixedGradQuant, bits: int) -> GradQuant:
+    new = GradQuant(bits, old.stochastic, copy_output=old.copy_output)
+    new.set_extra_state(old.get_extra_state())
+    return new.train(old.training)
+
+
+def pin_candidates(gm: fx.GraphModule, /, *, choices: Mapping[int, int]) -> fx.GraphModule:
+    """Return a static copy of a DFQ model with block i fixed at candidate choices[i] (module docstring)."""
+    gates = gate_choices(gm)
+    if not gates:
+        raise ConfigError("pin_candidates needs a DFQ model (fracfx.transform(model, fracfx.DFQConfig(...), ...)); this one has no gates")
+    missing = sorted(set(gates) - set(choices))
+    extra = sorted(set(choices) - set(gates))
+    if missing or extra:
+        raise ConfigError(f"pin_candidates: choices must name every gated block index {sorted(gates)} once; missing {missing}, unknown {extra}")
+    table: CandidateTable = next(iter(gates.values())).table
+    for index, k in choices.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(table):
+            raise ConfigError(f"pin_candidates: block {index} -> {k!r} is not a candidate index 0..{len(table) - 1} of {table.labels}")
+    entry = {index: table.entries[k] for index, k in choices.items()}
+
+    graph, _ = copy_graph(gm)
+    modules: dict[str, nn.Module] = {}
+    by_target = {n.target: n for n in graph.nodes if n.op == "call_module"}
+    for node in list(graph.nodes):
+        spec, binding = get_block(node), get_binding(node)
+        if spec is None or binding is None:
+            continue
+        chosen = entry[spec.index]
+        act_bits, grad_bits = _bits(chosen)
+        for target in binding.act:
+            quant = by_target[target]
+            modules[target] = _act(gm.get_submodule(target), act_bits)
+            quant.args = (quant.args[0],)
+        grad_node = by_target[binding.grad]
+        modules[binding.grad] = _grad(gm.get_submodule(binding.grad), grad_bits)
+        grad_node.args = (grad_node.args[0],)
+        if chosen == FP32_CANDIDATE and binding.weight is not None:
+            old: WeightQuant = gm.get_submodule(binding.weight)
+            modules[binding.weight] = WeightQuant(0, old.axis, getattr(old, "integer_zero_point", False))
+    for node in list(graph.nodes):
+        inserted = get_inserted(node)
+        role = inserted.role if inserted is not None else None
+        if role == "fp32_rows":
+            node.replace_all_uses_with(node.args[0])
+        elif role == "skip_mix":
+            out, shortcut, mask = node.args
+            node.replace_all_uses_with(shortcut if entry[get_block(mask).index] == SKIP else out)
+        else:
+            continue
+        graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):  # dead code: the gate subgraph, skipped block bodies
+        if node.op not in ("placeholder", "output") and not node.users:
+            graph.erase_node(node)
+    for node in graph.nodes:
+        inserted = get_inserted(node)
+        if inserted is not None and inserted.role.startswith("gate_"):
+            raise PassError(f"pin_candidates: gate node {node.name} ({inserted.role}) is still used after pinning every block")
+    return rebuild(gm, graph, modules)

@@ -1,0 +1,195 @@
+"""Training cost of a DFQ / FracTrain run, counted per sample at the candidate it used.
+
+CostMeter (runtime/cost.py) prices a step at one bits assignment; under DFQ every sample picks
+its own candidate in every gated block, so DFQCostMeter prices what each sample actually ran.
+Per iteration on B samples (FRACTRAIN.md section 5, effective MACs = bit-ops / 1024):
+
+    gated   = sum_b sum_k n_bk * sum_{o in b} M_o * (a_k*w_o + g_k*w_o + a_k*g_k) / 1024
+    ungated = B * sum_{o not gated} M_o * (a_o*w_o + g_o*w_o + a_o*g_o) / 1024   (static bits;
+              FP32 ops count a = w = g = 32)
+    effective MACs = gated + ungated
+
+n_bk is how many of the B samples chose candidate k in block b, read from the gates' masks of
+the step just taken (DFQController.blocks[b].choice.last_mask); the per-candidate bit-ops are
+the controller's own (`_Block.units()`: "skip" costs 0, "fp32" 3 * 32 * 32 per MAC). The
+baselines are those of CostMeter: FP32 training 3 * M and static 8-bit 3 * M * 64 / 1024 per
+sample, M the MACs of every compute op.
+
+The gate network itself (embeddings, the shared LSTM cell, the head; FP32, trained) is not part
+of the paper's metric; it is counted separately as `gate_effective_macs` (3 * its MACs per
+sample) and `ratio_vs_sbm_with_gate` adds it, so a report can show both.
+
+    meter = DFQCostMeter(qm, controller)
+    loss = ce + controller.cost_loss(); loss.backward(); opt.step()
+    meter.step(len(y))          # reads this step's masks
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fracfx.bits import cost_bits
+from fracfx.errors import ConfigError
+from fracfx.gates import FP32_BITOPS, choice_of
+from fracfx.meta import get_binding, get_block, get_inserted, get_op_cost, get_quant_spec
+from fracfx.runtime.dfq import DFQController
+from fracfx.runtime.plateau import STATE_VERSION
+
+SBM_BITS = 8
+GATE_ROLES = ("gate_embed", "gate_step", "gate_head")
+
+
+def _static_bits(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int, int]:
+    """(a, w, g) in force on an ungated op, FP32 counted as 32 (as fracfx.passes.analyze_cost)."""
+    binding = get_binding(node)
+    if binding is None:
+        return 32, 32, 32
+    bits = lambda target: 32 if target is None else cost_bits(gm.get_submodule(target).current_bits)
+    a = bits(binding.act[0])
+    w = bits(binding.act[1]) if len(binding.act) > 1 else bits(binding.weight)
+    return a, w, bits(binding.grad)
+
+
+def _module_macs(module: nn.Module) -> int:
+    """MACs per call of one gate module on one sample (pooled inputs: 1x1 convs act on one position)."""
+    if isinstance(module, nn.LSTMCell):
+        return 4 * module.hidden_size * (module.input_size + module.hidden_size)
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+        return module.in_channels // module.groups * module.out_channels
+    return sum(_module_macs(child) for child in module.children())
+
+
+def gate_macs_per_sample(gm: fx.GraphModule) -> int:
+    """MACs of one sample through the gate network (every gated block's embedding, LSTM step and head)."""
+    total = 0
+    for node in gm.graph.nodes:
+        inserted = get_inserted(node)
+        if inserted is not None and inserted.role in GATE_ROLES and node.op == "call_module":
+            total += _module_macs(gm.get_submodule(node.target))
+    return total
+
+
+class DFQCostMeter:
+    """Accumulates the effective MACs of DFQ training from the candidates each sample used."""
+
+    def __init__(self, gm: fx.GraphModule, controller: DFQController):
+        if not isinstance(controller, DFQController):
+            raise ConfigError("DFQCostMeter reads a fracfx.runtime.DFQController; pass the one that drives this model")
+        self.gm, self.controller = gm, controller
+        self.macs_per_sample = 0
+        self.ungated_per_sample = 0.0
+        gated = 0
+        for node in gm.graph.nodes:
+            spec = get_quant_spec(node)
+            if spec is None or spec.kind == "unsupported":
+                continue
+            cost = get_op_cost(node)
+            if cost is None:
+                raise ConfigError("MACs are unknown: pass example_inputs to fracfx.transform(model, DFQConfig(...), example_inputs=...)")
+            self.macs_per_sample += cost.macs_per_sample
+            if get_block(node) is not None and get_binding(node) is not None:
+                gated += cost.macs_per_sample
+                continue
+            a, w, g = _static_bits(gm, node)
+            self.ungated_per_sample += cost.macs_per_sample * (a * w + g * w + a * g) / FP32_BITOPS
+        if gated != controller.total_macs:
+            raise ConfigError(f"the controller gates {controller.total_macs} MACs per sample but this model's gated ops hold {gated}; pass the model the controller was built on")
+        self.gate_per_sample = 3.0 * gate_macs_per_sample(gm)
+        self.fp32_per_sample = 3.0 * self.macs_per_sample
+        self.sbm_per_sample = self.macs_per_sample * 3 * SBM_BITS * SBM_BITS / FP32_BITOPS
+        self.iterations = 0
+        self.samples = 0
+        self.gated_effective_macs = 0.0
+        self.ungated_effective_macs = 0.0
+
+    def counts(self, batch_size: int) -> list[list[int]]:
+        """Per gated block, how many samples of the last forward chose each candidate."""
+        counts = []
+        for block in self.controller.blocks:
+            mask = block.choice.last_mask
+            if mask is None:
+                raise ConfigError("no forward has run yet: DFQCostMeter.step() prices the step just taken")
+            if mask.shape[0] != batch_size:
+                raise ConfigError(
+                    f"block {block.name}'s last forward had {mask.shape[0]} samples, not {batch_size}; "
+                    "call step() right after the training step (before any other forward)"
+                )
+            counts.append(torch.bincount(choice_of(mask), minlength=mask.shape[1]).tolist())
+        return counts
+
+    def step(self, batch_size: int) -> float:
+        """Account the training step just taken on `batch_size` samples; returns its effective MACs."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an int >= 1 (the samples in this iteration), got {batch_size!r}")
+        bitops = 0.0
+        for block, counts in zip(self.controller.blocks, self.counts(batch_size)):
+            bitops += sum(n * unit for n, unit in zip(counts, block.units()) if n)
+        gated = bitops / FP32_BITOPS
+        ungated = self.ungated_per_sample * batch_size
+        self.iterations += 1
+        self.samples += batch_size
+        self.gated_effective_macs += gated
+        self.ungated_effective_macs += ungated
+        return gated + ungated
+
+    @property
+    def effective_macs(self) -> float:
+        return self.gated_effective_macs + self.ungated_effective_macs
+
+    @property
+    def gate_effective_macs(self) -> float:
+        return self.gate_per_sample * self.samples
+
+    @property
+    def fp32_effective_macs(self) -> float:
+        return self.fp32_per_sample * self.samples
+
+    @property
+    def sbm_effective_macs(self) -> float:
+        return self.sbm_per_sample * self.samples
+
+    def summary(self) -> dict[str, float | int]:
+        fp32, sbm = self.fp32_effective_macs, self.sbm_effective_macs
+        return {
+            "iterations": self.iterations,
+            "samples": self.samples,
+            "effective_macs": self.effective_macs,
+            "fp32_effective_macs": fp32,
+            "sbm_effective_macs": sbm,
+            "ratio_vs_fp32": self.effective_macs / fp32 if fp32 else 0.0,
+            "ratio_vs_sbm": self.effective_macs / sbm if sbm else 0.0,
+            "gated_effective_macs": self.gated_effective_macs,
+            "ungated_effective_macs": self.ungated_effective_macs,
+            "gate_effective_macs": self.gate_effective_macs,
+            "ratio_vs_sbm_with_gate": (self.effective_macs + self.gate_effective_macs) / sbm if sbm else 0.0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION, "kind": "dfq_cost_meter", "macs_per_sample": self.macs_per_sample,
+            "blocks": [b.name for b in self.controller.blocks], "iterations": self.iterations, "samples": self.samples,
+            "gated_effective_macs": self.gated_effective_macs, "ungated_effective_macs": self.ungated_effective_macs,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("kind") != "dfq_cost_meter" or state.get("version") != STATE_VERSION:
+            raise ConfigError("not a DFQCostMeter state; pass the dict that DFQCostMeter.state_dict() returned")
+        blocks = [b.name for b in self.controller.blocks]
+        if state.get("macs_per_sample") != self.macs_per_sample or state.get("blocks") != blocks:
+            raise ConfigError(
+                f"DFQCostMeter state was recorded on a model with {state.get('macs_per_sample')} MACs per sample and blocks "
+                f"{state.get('blocks')}; this one has {self.macs_per_sample} and {blocks}: resume with the same model"
+            )
+        try:
+            iterations, samples = int(state["iterations"]), int(state["samples"])
+            gated, ungated = float(state["gated_effective_macs"]), float(state["ungated_effective_macs"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"DFQCostMeter state is incomplete or malformed ({error!r}); pass what state_dict() returned") from error
+        self.iterations, self.samples = iterations, samples
+        self.gated_effective_macs, self.ungated_effective_macs = gated, ungated
