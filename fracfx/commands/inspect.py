@@ -264,9 +264,33 @@ def run_checkpoint(args) -> int:
     return 0
 
 
+def run_onnx(args) -> int:
+    """`fracfx inspect model.onnx`: the QDQ quantizers of an exported file, bits and scales."""
+    from fracfx.export import describe_onnx
+
+    rows = describe_onnx(args.model)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.model}: {len(rows)} quantizers (QDQ)")
+    for column in ("quantizer", "role", "bits", "codes", "channels", "scale min", "scale max", "zero point", "arithmetic"):
+        table.add_column(column, justify="left" if column in ("quantizer", "role", "codes") else "right")
+    for r in rows:
+        zero_point = str(r.zero_point_min) if r.zero_point_min == r.zero_point_max else f"{r.zero_point_min}..{r.zero_point_max}"
+        table.add_row(r.name, r.role, str(r.bits), r.dtype, str(r.channels), f"{r.scale_min:.4g}", f"{r.scale_max:.4g}", zero_point,
+                      "integer" if r.centered else "dequantized")
+    Console(width=160).print(table)
+    return 0
+
+
 def run(args) -> int:
     import fracfx
 
+    if args.model.endswith(".onnx"):
+        return run_onnx(args)
     if is_checkpoint(args.model):
         return run_checkpoint(args)
     config = build_config(args)

@@ -46,3 +46,23 @@ def test_checkpoint_path_without_loader_is_explained(tmp_path, capsys):
     code = main(["export", str(checkpoint), "-o", str(tmp_path / "x.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and str(checkpoint) in err
+
+
+def test_inspect_lists_the_qdq_quantizers_of_an_exported_file(tmp_path, capsys):
+    import json as _json
+
+    from fracfx.cli import main as cli_main
+
+    path = tmp_path / "m.onnx"
+    assert cli_main(["export", "cifar_resnet20", "-o", str(path), "--bits", "4,4", "--input-size", "16", "--calib-batches", "1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["inspect", str(path), "--json"]) == 0
+    rows = _json.loads(capsys.readouterr().out)
+    assert {r["role"] for r in rows} == {"act", "weight"}
+    assert all(r["bits"] == 4 and r["scale_min"] > 0 for r in rows)
+    from torch import nn
+
+    from fracfx.models import build_model
+
+    convs = sum(isinstance(m, nn.Conv2d) for m in build_model("cifar_resnet20").modules())
+    assert sum(r["role"] == "weight" for r in rows) == convs  # every conv; the final fc stays FP32 by default
