@@ -38,11 +38,12 @@ _EXPORTS = {
     "ExportError": "fracfx.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["passes", "runtime"]
+_SUBMODULES = ("passes", "runtime", "models", "export", "verify", "train", "data", "text_data")
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 
 def __getattr__(name: str):
-    if name in ("passes", "runtime"):
+    if name in _SUBMODULES:
         return importlib.import_module(f"fracfx.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
