@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from fracfx.cpu_memory import reuse_freed_memory
 from fracfx.errors import FracfxError
 
 COMMANDS = ("inspect", "train", "report", "export", "bench", "demo")
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Training, benchmarks and exports allocate step-sized tensors over and over: keep freed
+    # memory in the process (fracfx/cpu_memory.py says why and what it measured).
+    reuse_freed_memory()
     try:
         return int(args.func(args) or 0)
     except FracfxError as error:
