@@ -40,11 +40,10 @@ def run_demo(
 ) -> DemoResult:
     from rich.console import Console
 
-    from fracfx.data import build_loaders
-    from fracfx.export import export_onnx, freeze
+    from fracfx.export import export_onnx
     from fracfx.report import plot_runs
-    from fracfx.train import TrainConfig, evaluate, load_trained, model_from_checkpoint, train
-    from fracfx.verify import dataset_accuracy
+    from fracfx.test_accuracy import test_set_accuracy
+    from fracfx.train import TrainConfig, model_from_checkpoint, train
 
     console = console or Console()
     out_dir = Path(out)
@@ -72,20 +71,20 @@ def run_demo(
         sizes["int4"] = int4.file_bytes
         console.print(f"  {int4.lines()[0]}; export contract {'met' if int4.verify.ok else 'NOT MET'}")
 
-    console.rule(f"3/4 accuracy on the Fashion-MNIST test set ({len(test_loader.dataset):,} images)")
-    trained = load_trained(result.run_dir).model
-    _, trained_acc = evaluate(trained, test_loader, torch.device("cpu"))
-    _, fixed_acc = evaluate(freeze(fixed), test_loader, torch.device("cpu"))
-    onnx_acc, samples = dataset_accuracy(int8_path, test_loader, threads=torch.get_num_threads())
+    console.rule("3/4 accuracy on the Fashion-MNIST test set: trained, fixed precision, onnxruntime")
+    accuracy = test_set_accuracy(result.run_dir, int8_path, test_subset=test_subset, batch_size=max(batch_size, 256))
+    for line in accuracy.lines():
+        console.print(f"  {line}")
 
     console.rule("4/4 report")
     png = plot_runs([result.run_dir], out_dir / "report.png")
     summary = {
         "method": method, "arch": arch, "iterations": iters, "train_seconds": round(train_seconds, 1),
-        "test_samples": samples,
-        "accuracy_trained_pytorch": trained_acc,
-        "accuracy_fixed_precision_pytorch": fixed_acc,
-        "accuracy_onnx": onnx_acc,
+        "test_samples": accuracy.samples,
+        "accuracy_trained_pytorch": accuracy.trained,
+        "accuracy_fixed_precision_pytorch": accuracy.fixed_precision,
+        "accuracy_onnx": accuracy.onnx["enable_all"],
+        "accuracy_onnx_disable_all": accuracy.onnx["disable_all"],
         "effective_macs_saving_vs_static8": result.summary["savings_vs_sbm"],
         "effective_macs_vs_fp32": result.summary["ratio_vs_fp32"],
         "onnx_bytes": sizes,
@@ -111,7 +110,8 @@ def _summary_table(s: dict):
     table.add_row(f"training ({s['method']}, {s['iterations']} it)", f"{s['train_seconds']:.0f} s")
     table.add_row("test accuracy, trained model (PyTorch)", f"{s['accuracy_trained_pytorch']:.2f} %")
     table.add_row("test accuracy, fixed precision (PyTorch)", f"{s['accuracy_fixed_precision_pytorch']:.2f} %")
-    table.add_row("test accuracy, exported (onnxruntime)", f"{s['accuracy_onnx']:.2f} %")
+    table.add_row("test accuracy, exported (onnxruntime ENABLE_ALL)", f"{s['accuracy_onnx']:.2f} %")
+    table.add_row("test accuracy, exported (onnxruntime DISABLE_ALL)", f"{s['accuracy_onnx_disable_all']:.2f} %")
     table.add_row("effective MACs saved vs static 8-bit", f"{100 * s['effective_macs_saving_vs_static8']:.1f} %")
     table.add_row("effective MACs vs FP32 training", f"{100 * s['effective_macs_vs_fp32']:.2f} %")
     for fmt, size in s["onnx_bytes"].items():

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--in-channels", type=int, default=3, help="input channels for a model name (default 3)")
     p.add_argument("--num-classes", type=int, default=10, help="classes for a model name (default 10)")
     p.add_argument("--calib-batches", type=int, default=4, help="seeded random batches of 16 that set activation ranges for a model name")
+    p.add_argument("--test-accuracy", action="store_true",
+                   help="checkpoint only: top-1 on the run's test set of the trained model, the fixed-precision model and the file in onnxruntime")
+    p.add_argument("--test-subset", type=int, default=None, help="with --test-accuracy: the first N test images only")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -93,6 +96,8 @@ def run(args) -> int:
     from fracfx.export import export_onnx
 
     act_bits, weight_bits = parse_bits(args)
+    if args.test_accuracy and not os.path.exists(args.source):
+        raise ExportError(f"--test-accuracy measures a trained run on its test set; {args.source!r} is a model name, pass a run folder or checkpoint.pt")
     gm, example = load_source(args, act_bits, weight_bits)
     verify_inputs = None
     if args.verify:
@@ -102,10 +107,18 @@ def run(args) -> int:
         gm, args.output, example, format=args.format, opset=args.opset, arithmetic=args.arithmetic,
         verify=args.verify, verify_inputs=verify_inputs, latency=args.latency,
     )
+    accuracy = None
+    if args.test_accuracy:
+        from fracfx.test_accuracy import test_set_accuracy
+
+        accuracy = test_set_accuracy(args.source, args.output, test_subset=args.test_subset)
     if args.json:
-        print(json.dumps(dataclasses.asdict(report), indent=2, default=str))
+        payload = dataclasses.asdict(report)
+        if accuracy is not None:
+            payload["test_accuracy"] = dataclasses.asdict(accuracy)
+        print(json.dumps(payload, indent=2, default=str))
     else:
         if not os.path.exists(args.source):
             print(f"{args.source}: freshly initialised, activation ranges from {args.calib_batches} random batches")
-        print("\n".join(report.lines()))
+        print("\n".join(report.lines() + (accuracy.lines() if accuracy else [])))
     return 1 if report.verify is not None and not report.verify.ok else 0

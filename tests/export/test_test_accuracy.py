@@ -1,0 +1,65 @@
+"""`fracfx export RUN --test-accuracy`: the run's test set through the trained model, the
+fixed-precision model and onnxruntime, each number checked against an independent count."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from rich.console import Console
+
+from fracfx.cli import main
+from fracfx.data import build_loaders
+from fracfx.train import TrainConfig, load_trained, train
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TEST_IMAGES = 64
+
+
+@pytest.fixture(scope="module")
+def static_run(tmp_path_factory):
+    if not FASHION.exists():
+        pytest.skip("needs `apt-get install dataset-fashion-mnist`")
+    folder = tmp_path_factory.mktemp("static")
+    config = TrainConfig(method="static", arch="cifar_resnet20", train_subset=96, test_subset=32, batch_size=16, iters=6,
+                         eval_every=6, save_folder=str(folder / "run"), seed=1)
+    return train(config, progress=False, console=Console(file=io.StringIO())).run_dir
+
+
+def _images_and_labels():
+    _, loader, _ = build_loaders("fashion-mnist", batch_size=256, seed=1, test_subset=TEST_IMAGES)
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels)
+
+
+def test_reports_what_each_model_gets_right(static_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    code = main(["export", str(static_run), "-o", str(out), "--test-accuracy", "--test-subset", str(TEST_IMAGES), "--json"])
+    assert code == 0
+    accuracy = json.loads(capsys.readouterr().out)["test_accuracy"]
+    assert accuracy["samples"] == TEST_IMAGES
+
+    images, labels = _images_and_labels()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    onnx_correct = int((logits.argmax(1) == labels.numpy()).sum())
+    assert accuracy["onnx"]["disable_all"] == pytest.approx(100 * onnx_correct / TEST_IMAGES)
+
+    with torch.no_grad():
+        trained_correct = int((load_trained(static_run).model(images).argmax(1) == labels).sum())
+    assert accuracy["trained"] == pytest.approx(100 * trained_correct / TEST_IMAGES)
+    # the file computes what the fixed-precision model computes, on these images too
+    assert accuracy["fixed_precision"] == accuracy["onnx"]["disable_all"]
+    assert np.isfinite(logits).all()
+
+
+def test_model_name_is_refused_with_the_fix(tmp_path, capsys):
+    assert main(["export", "cifar_resnet20", "-o", str(tmp_path / "x.onnx"), "--test-accuracy"]) == 2
+    assert "pass a run folder or checkpoint.pt" in capsys.readouterr().err
