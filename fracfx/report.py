@@ -2,9 +2,10 @@
 
     plot_runs(["runs/fp32", "runs/static8", "runs/pfq"], "runs/report.png")
 
-Four panels against iteration: training loss and test loss; test accuracy; precision (forward
-and gradient bits, with PFQ turning points marked); cumulative effective MACs, with the static
-8-bit and FP32 cumulative costs of the same run as reference lines. Several runs overlay, one
+Four panels against iteration: training loss and test loss; test accuracy (language models,
+fracfx.train_text: validation perplexity); precision (forward and gradient bits, with PFQ
+turning points marked); cumulative effective MACs, with the static 8-bit and FP32 cumulative
+costs of the same run as reference lines. Several runs overlay, one
 colour each. Each dfq/fractrain run adds a row: its cp against the set-point over iterations
 (the target steps up at FracTrain's turning points), and the candidate usage per block as
 stacked bars (training samples over the whole run, and the last evaluation's test samples).
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from fracfx.errors import FracfxError
 
@@ -88,6 +90,7 @@ def plot_runs(run_dirs, output: str | os.PathLike) -> Path:
     if not runs:
         raise FracfxError("give at least one run directory")
     dfq_runs = [run for run in runs if run.config.get("method") in DFQ_METHODS]
+    score = _score(runs)
     fig, axes = plt.subplots(2 + len(dfq_runs), 2, figsize=(13, 8.5 + 4.25 * len(dfq_runs)), constrained_layout=True, squeeze=False)
     (ax_loss, ax_acc), (ax_bits, ax_cost) = axes[:2]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -96,14 +99,14 @@ def plot_runs(run_dirs, output: str | os.PathLike) -> Path:
         it = [m["iteration"] for m in run.metrics]
         ax_loss.plot(it, [m["train_loss"] for m in run.metrics], color=color, label=f"{run.label} train")
         ax_loss.plot(it, [m["test_loss"] for m in run.metrics], color=color, linestyle="--", label=f"{run.label} test")
-        ax_acc.plot(it, [m["test_acc"] for m in run.metrics], color=color, marker="o", markersize=3, label=run.label)
+        ax_acc.plot(it, [m[score.key] for m in run.metrics], color=color, marker="o", markersize=3, label=run.label)
         _plot_bits(ax_bits, run, color)
         ax_cost.plot([0, *it], [0, *(m["effective_macs"] for m in run.metrics)], color=color, label=run.label)
         ax_cost.plot([0, *it], [0, *(m["sbm_effective_macs"] for m in run.metrics)], color=color, linestyle=":", alpha=0.6,
                      label=f"{run.label}: static 8-bit")
     ax_loss.set(title="loss (solid: train, mean since the last evaluation; dashed: test)", xlabel="iteration",
                 ylabel="cross-entropy", yscale="log")
-    ax_acc.set(title="test accuracy", xlabel="iteration", ylabel="%")
+    ax_acc.set(title=score.title, xlabel="iteration", ylabel=score.unit, yscale=score.scale)
     ax_bits.set(title="precision (solid: forward bits, dashed: gradient bits)", xlabel="iteration", ylabel="bits (FP32 = 32)")
     ax_cost.set(title="cumulative training cost (dotted: static 8-bit)", xlabel="iteration", ylabel="effective MACs")
     for ax in axes[:2].flat:
@@ -221,16 +224,44 @@ def _plot_usage(ax, run: Run) -> None:
     ax.legend(fontsize=7, ncol=len(labels), loc="upper center", bbox_to_anchor=(0.5, -0.28))
 
 
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """What the runs are scored by: test accuracy (images) or validation perplexity (language models)."""
+
+    key: str
+    title: str
+    unit: str
+    scale: str
+    short: str
+    best: Callable  # max for accuracy, min for perplexity
+
+    def text(self, value: float) -> str:
+        return f"{value:.2f} %" if self.key == "test_acc" else f"{value:.3f}"
+
+
+ACCURACY = Score("test_acc", "test accuracy", "%", "linear", "test acc", max)
+PERPLEXITY = Score("test_ppl", "validation perplexity (exp of the mean token NLL)", "perplexity", "log", "valid ppl", min)
+
+
+def _score(runs: list[Run]) -> Score:
+    language = [all("test_ppl" in m for m in run.metrics) for run in runs]
+    if any(language) and not all(language):
+        names = ", ".join(str(run.path) for run, lm in zip(runs, language) if lm)
+        raise FracfxError(f"{names}: language-model runs (perplexity) cannot share a plot with image runs (accuracy); report them apart")
+    return PERPLEXITY if all(language) else ACCURACY
+
+
 def runs_table(runs: list[Run]):
     from rich.table import Table
 
+    score = _score(runs)
     table = Table(title="fracfx runs")
-    for column in ("run", "iterations", "final test acc", "best test acc", "turning points", "cost vs FP32", "cost vs static 8-bit"):
+    for column in ("run", "iterations", f"final {score.short}", f"best {score.short}", "turning points", "cost vs FP32", "cost vs static 8-bit"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for run in runs:
         last = run.metrics[-1]
         table.add_row(
-            run.label, str(last["iteration"]), f"{last['test_acc']:.2f} %", f"{max(m['test_acc'] for m in run.metrics):.2f} %",
+            run.label, str(last["iteration"]), score.text(last[score.key]), score.text(score.best(m[score.key] for m in run.metrics)),
             ", ".join(map(str, last.get("turning_points") or [])) or "-",
             f"{100 * last['cost_vs_fp32']:.2f} %", f"{100 * last['cost_vs_sbm']:.1f} %",
         )

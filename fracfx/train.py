@@ -11,6 +11,13 @@ same weights and metrics as a run that was never interrupted: the checkpoint hol
 state (the PFQ indicator), every RNG, the cost meter, the metrics so far; the data order is a
 function of (seed, iteration) (see fracfx.data).
 
+Tasks
+-----
+What the data is, the model and example input it needs, and how predictions are scored:
+ImageTask (fracfx.data, top-1 accuracy) or, for the text datasets, fracfx.train_text's
+LanguageModelTask (token-level cross-entropy, perplexity; --context/--d_model/... size the model).
+task_for(config) picks one; TrainConfig refuses a model that does not fit the data.
+
 Methods
 -------
 A method is a Method subclass registered with @register_method. It decides how the float model
@@ -52,6 +59,7 @@ CONFIG = "config.json"
 SUMMARY = "summary.json"
 TIMING_KEY = "timing"  # the only part of a metrics line that may differ between identical runs
 RUN_KIND = "fracfx-train"
+OPTIMIZERS = ("sgd", "adam")
 RESUME_OVERRIDABLE = ("workers", "device")  # may change on resume: they do not change the numbers
 
 
@@ -100,6 +108,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    optimizer: str = "sgd"  # "sgd" (FRACTRAIN.md section 6) | "adam" (transformers; momentum is then unused)
     act_bits: int = 8  # static
     weight_bits: int = MethodDefault(8)  # 8; dfq/fractrain: 4 (their Method.field_defaults)
     grad_bits: int = 8
@@ -111,6 +120,11 @@ class TrainConfig:
     window: int | None = None  # iterations per indicator window; default ~ iterations / 30
     keep_fp32: tuple[str, ...] | None = None  # None: QuantConfig's default (@last)
     eval_every: int | None = None  # default: at least once per epoch and 10 times per run
+    # language models (--arch transformer_lm on a text --dataset, fracfx.train_text); None: the zoo's default
+    context: int | None = None  # tokens per sequence
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
     save_folder: str = "runs/fracfx"
     seed: int = 0
     workers: int = 0
@@ -133,6 +147,9 @@ class TrainConfig:
         for name in ("lr", "lr_gamma"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            close = difflib.get_close_matches(str(self.optimizer), OPTIMIZERS, n=1)
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}" + (f"; did you mean {close[0]!r}?" if close else "") + f"; choose from {', '.join(OPTIMIZERS)}")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise ConfigError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum!r} and {self.weight_decay!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
@@ -152,6 +169,10 @@ class TrainConfig:
             )
         if self.lr_milestones is not None and list(self.lr_milestones) != sorted(set(self.lr_milestones)):
             raise ConfigError(f"lr_milestones must be increasing iterations, got {self.lr_milestones}")
+        from fracfx.train_text import task_fields  # an image model on text and the like: ConfigError
+
+        for name, value in task_fields(self).items():
+            object.__setattr__(self, name, value)
         method = get_method(self.method)
         object.__setattr__(self, "options", method.check_options(dict(self.options)))
 
@@ -413,6 +434,60 @@ class PFQMethod(Method):
 
 
 # ---------------------------------------------------------------------------------------------
+# Tasks: what the data is, the model and example input it needs, how predictions are scored
+
+
+class ImageTask:
+    """Image classification (fracfx.data, top-1 accuracy); fracfx.train_text.LanguageModelTask is the other task."""
+
+    metric = "acc"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    @staticmethod
+    def build_loaders(*args, **kwargs):
+        from fracfx.data import build_loaders
+
+        return build_loaders(*args, **kwargs)
+
+    def dataset_info(self) -> dict[str, Any]:
+        from fracfx.data import build_datasets
+
+        c = self.config
+        return build_datasets(c.dataset, datadir=c.datadir, download=False, seed=c.seed)[2].to_dict()
+
+    def float_model(self, info: dict[str, Any]) -> nn.Module:
+        from fracfx.models import build_model
+
+        size = int(info["input_size"])
+        return build_model(self.config.arch, num_classes=int(info["num_classes"]), in_channels=int(info["in_channels"]), input_size=(size, size))
+
+    def example_input(self, info: dict[str, Any], batch: int) -> torch.Tensor:
+        size = int(info["input_size"])
+        return torch.zeros(batch, int(info["in_channels"]), size, size)
+
+    def add_metrics(self, record: dict[str, Any]) -> None:
+        """Task-specific entries of a metrics line (none for images)."""
+
+
+def task_for(config: TrainConfig):
+    """ImageTask, or LanguageModelTask for the text datasets (fracfx.text_data.TEXT_DATASETS)."""
+    from fracfx.text_data import TEXT_DATASETS
+
+    if config.dataset in TEXT_DATASETS:
+        from fracfx.train_text import LanguageModelTask
+
+        return LanguageModelTask(config)
+    return ImageTask(config)
+
+
+def _predictions(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, classes), labels (N,)): a language model's (B, T, vocab) logits are B * T predictions."""
+    return outputs.flatten(0, -2), targets.flatten()
+
+
+# ---------------------------------------------------------------------------------------------
 # RNG state as plain data
 
 
@@ -497,9 +572,7 @@ def _dataset_info(state: dict, path: Path, config: TrainConfig) -> dict[str, Any
         saved = json.loads(beside.read_text(encoding="utf-8"))
         if saved.get("config") == state["config"] and isinstance(saved.get("dataset"), dict):
             return saved["dataset"]
-    from fracfx.data import build_datasets
-
-    return build_datasets(config.dataset, datadir=config.datadir, download=False, seed=config.seed)[2].to_dict()
+    return task_for(config).dataset_info()
 
 
 def load_trained(path: str | os.PathLike) -> TrainedCheckpoint:
@@ -510,7 +583,6 @@ def load_trained(path: str | os.PathLike) -> TrainedCheckpoint:
     controller, FracTrain scheduler) are loaded; the file is read with weights_only=True
     (runtime/checkpoint.py). The model is returned in eval mode. Global RNG state is untouched.
     """
-    from fracfx.models import build_model
     from fracfx.runtime.checkpoint import load_checkpoint
 
     path = resolve_checkpoint(path)
@@ -520,18 +592,18 @@ def load_trained(path: str | os.PathLike) -> TrainedCheckpoint:
     config = TrainConfig.from_dict(state["config"])
     plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["plan"].items()})
     info = _dataset_info(state, path, config)
-    size, channels = int(info["input_size"]), int(info["in_channels"])
+    task = task_for(config)
     with torch.random.fork_rng(devices=[]):  # building draws initial weights; they are overwritten below
-        float_model = build_model(config.arch, num_classes=int(info["num_classes"]), in_channels=channels, input_size=(size, size))
+        float_model = task.float_model(info)
         method = get_method(config.method)(config, plan)
-        model = method.build(float_model, torch.zeros(2, channels, size, size))
+        model = method.build(float_model, task.example_input(info, 2))
     try:
         model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
     except (RuntimeError, KeyError, ConfigError) as error:
         raise CheckpointError(f"{path} does not fit the model its config builds ({type(error).__name__}: {error})") from error
     model.eval()
-    return TrainedCheckpoint(path, config, plan, info, method, model, torch.zeros(1, channels, size, size), state)
+    return TrainedCheckpoint(path, config, plan, info, method, model, task.example_input(info, 1), state)
 
 
 def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, torch.Tensor]:
@@ -573,7 +645,7 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, flo
     total_loss, correct, count = 0.0, 0, 0
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
-        outputs = model(inputs)
+        outputs, targets = _predictions(model(inputs), targets)
         total_loss += float(F.cross_entropy(outputs, targets, reduction="sum"))
         correct += int((outputs.argmax(1) == targets).sum())
         count += len(targets)
@@ -613,6 +685,7 @@ def train(
         session.start()
     display = _Display(console, session.plan.iterations, session.iteration, enabled=progress,
                        title=f"{config.method} {config.arch} {config.dataset}", log_every=log_every)
+    display.perplexity = session.task.metric == "ppl"
     with display:
         if not session.finished:
             for index, inputs, targets in train_batches(session.train_loader, session.iteration):
@@ -622,7 +695,7 @@ def train(
                 display.update(session.iteration, loss, session.train_acc, session.method.precision(), session.meter.summary())
                 if session.iteration % session.plan.eval_every == 0 or session.finished:
                     record = session.evaluate_and_checkpoint()
-                    display.test_acc = record["test_acc"]
+                    display.test_acc, display.test_ppl = record["test_acc"], record.get("test_ppl")
                     display.log(_eval_line(record))
                 if session.finished:
                     break
@@ -663,26 +736,27 @@ class _Session:
     """The live objects of one run; payload() and restore() are its checkpoint."""
 
     def __init__(self, config: TrainConfig, run_dir: Path):
-        from fracfx.data import build_loaders
-        from fracfx.models import build_model
-
         self.config, self.run_dir = config, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(config.device)
         seed_everything(config.seed)
-        self.train_loader, self.test_loader, self.info = build_loaders(
+        self.task = task_for(config)
+        self.train_loader, self.test_loader, self.info = self.task.build_loaders(
             config.dataset, datadir=config.datadir, batch_size=config.batch_size, test_batch_size=config.test_batch_size,
             workers=config.workers, seed=config.seed, download=config.download,
             train_subset=config.train_subset, test_subset=config.test_subset,
         )
         self.plan = plan_run(config, self.train_loader.batch_sampler.batches_per_epoch)
-        size = self.info.input_size
-        float_model = build_model(config.arch, num_classes=self.info.num_classes, in_channels=self.info.in_channels, input_size=(size, size))
+        info = self.info.to_dict()
+        float_model = self.task.float_model(info)
         self.method = get_method(config.method)(config, self.plan)
-        self.model = self.method.build(float_model, torch.zeros(2, self.info.in_channels, size, size)).to(self.device)
+        self.model = self.method.build(float_model, self.task.example_input(info, 2)).to(self.device)
         self.model.train()
         self.meter = self.method.cost_meter()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(self.plan.lr_milestones), gamma=config.lr_gamma)
         self.iteration, self.metrics, self.window = 0, [], _fresh_window()
         self._elapsed_before, self._started = 0.0, time.perf_counter()
@@ -710,7 +784,8 @@ class _Session:
             raise RuntimeError(f"data stream at iteration {index}, training at {self.iteration}")
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         outputs = self.model(inputs)
-        ce = F.cross_entropy(outputs, targets)
+        logits, labels = _predictions(outputs, targets)
+        ce = F.cross_entropy(logits, labels)
         loss = self.method.loss(outputs, targets, ce)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -720,9 +795,9 @@ class _Session:
         ce_value = float(ce.detach())
         self.method.after_step(ce_value)  # a switch decided here applies from the next step
         self.iteration += 1
-        self.window["loss"] += ce_value * len(targets)
-        self.window["correct"] += int((outputs.detach().argmax(1) == targets).sum())
-        self.window["samples"] += len(targets)
+        self.window["loss"] += ce_value * len(labels)
+        self.window["correct"] += int((logits.detach().argmax(1) == labels).sum())
+        self.window["samples"] += len(labels)
         self.window["steps"] += 1
         return ce_value
 
@@ -733,6 +808,7 @@ class _Session:
         test_loss, test_acc = evaluate(self.model, self.test_loader, self.device)
         record = _metrics_record(self.iteration, self.plan, self.window, test_loss, test_acc, self.lr_schedule,
                                  self.method.precision(), self.meter.summary())
+        self.task.add_metrics(record)  # language models: train_ppl, test_ppl
         record[TIMING_KEY] = {"elapsed_s": round(self.elapsed(), 3), "unix_time": round(time.time(), 3)}
         self.metrics.append(record)
         self.window = _fresh_window()
@@ -832,14 +908,20 @@ def _eval_line(record: dict) -> str:
     steer = f"  cp {state['cp']:.3f}% (set-point {state['target']:g})" if state.get("cp") is not None and "target" in state else ""
     return (
         f"iter {record['iteration']:>6}  epoch {record['epoch']:.2f}  train loss {record['train_loss']:.4f}  "
-        f"test acc {record['test_acc']:.2f}%{stage}  bits A{b['act']}/W{b['weight']}/G{b['grad']}{steer}  "
+        f"{_score_text(record)}{stage}  bits A{b['act']}/W{b['weight']}/G{b['grad']}{steer}  "
         f"cost {100 * record['cost_vs_sbm']:.1f}% of static 8-bit"
     )
 
 
+def _score_text(record: dict) -> str:
+    if "test_ppl" in record:  # a language model (fracfx.train_text): perplexity on the validation split
+        return f"train ppl {record['train_ppl']:.3f}  valid ppl {record['test_ppl']:.3f}"
+    return f"test acc {record['test_acc']:.2f}%"
+
+
 def _summary(config: TrainConfig, plan: Plan, metrics: list[dict], cost: dict, elapsed: float) -> dict:
     last = metrics[-1] if metrics else {}
-    return {
+    summary = {
         "method": config.method,
         "arch": config.arch,
         "dataset": config.dataset,
@@ -854,6 +936,9 @@ def _summary(config: TrainConfig, plan: Plan, metrics: list[dict], cost: dict, e
         "savings_vs_fp32": 1.0 - cost["ratio_vs_fp32"],
         "elapsed_s": round(elapsed, 1),
     }
+    if "test_ppl" in last:  # a language model: validation perplexity, exp(mean token NLL)
+        summary.update(final_test_ppl=last["test_ppl"], best_test_ppl=min(m["test_ppl"] for m in metrics), final_train_ppl=last["train_ppl"])
+    return summary
 
 
 def summary_table(summary: dict):
@@ -873,6 +958,9 @@ def summary_table(summary: dict):
         ("vs static 8-bit training", f"{100 * summary['ratio_vs_sbm']:.2f} %  (saves {100 * summary['savings_vs_sbm']:.1f} %)"),
         ("wall time", f"{summary['elapsed_s']:.0f} s"),
     ]
+    if "final_test_ppl" in summary:
+        rows[1:3] = [("final validation perplexity", f"{summary['final_test_ppl']:.3f}"),
+                     ("best validation perplexity", f"{summary['best_test_ppl']:.3f}")]
     for row in rows:
         table.add_row(*row)
     return table
@@ -887,6 +975,7 @@ class _Display:
         self.total, self.start, self.title = total, start, title
         self.progress = None
         self.test_acc: float | None = None
+        self.perplexity, self.test_ppl = False, None  # a language model: perplexities instead of accuracy
 
     def __enter__(self):
         if self.enabled:
@@ -912,7 +1001,10 @@ class _Display:
         if plain and not (self.log_every and iteration % self.log_every == 0):
             return
         test = "" if self.test_acc is None else f"  test acc {self.test_acc:.2f}%"
-        status = (f"loss {loss:.3f}  train acc {train_acc:.1f}%{test}  {precision.label}  "
+        score = f"train acc {train_acc:.1f}%"
+        if self.perplexity:
+            score, test = f"ppl {math.exp(min(loss, 700)):.3f}", "" if self.test_ppl is None else f"  valid ppl {self.test_ppl:.3f}"
+        status = (f"loss {loss:.3f}  {score}{test}  {precision.label}  "
                   f"cost {100 * cost['ratio_vs_sbm']:.0f}% of 8-bit")
         if plain:
             self.console.print(f"iter {iteration:>6}/{self.total}  {status}", highlight=False, soft_wrap=True)

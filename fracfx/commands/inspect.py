@@ -209,7 +209,7 @@ def checkpoint_report(spec: str) -> dict:
 
 def _plain_metrics(record: dict) -> dict:
     keep = ("iteration", "test_acc", "train_loss", "effective_macs", "cost_vs_fp32", "cost_vs_sbm", "turning_points", "stage")
-    return {k: record.get(k) for k in keep}
+    return {k: record.get(k) for k in keep + (("test_ppl",) if "test_ppl" in record else ())}  # test_ppl: language models
 
 
 def render_run(report: dict) -> list:
@@ -224,7 +224,10 @@ def render_run(report: dict) -> list:
     table.add_column("value", justify="right")
     last = run["last_metrics"]
     if last:
-        table.add_row("test accuracy at the last evaluation", f"{last['test_acc']:.2f} %")
+        if "test_ppl" in last:  # a language model (fracfx.train_text)
+            table.add_row("validation perplexity at the last evaluation", f"{last['test_ppl']:.3f}")
+        else:
+            table.add_row("test accuracy at the last evaluation", f"{last['test_acc']:.2f} %")
         table.add_row("effective MACs so far", f"{last['effective_macs']:.4g}")
         table.add_row("vs FP32 / static 8-bit training", f"{100 * last['cost_vs_fp32']:.2f} % / {100 * last['cost_vs_sbm']:.2f} %")
     dfq = run.get("dfq")

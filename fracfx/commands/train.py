@@ -44,9 +44,11 @@ def register(subparsers) -> None:
     )
     _flag(parser, "method", choices=list(methods), help=f"training recipe (default {d.method})")
     _flag(parser, "arch", help=f"model: zoo name, torchvision name or package.module:factory (default {d.arch})")
-    _flag(parser, "dataset", choices=["fashion-mnist", "cifar10", "cifar100", "imagenet"], help=f"dataset (default {d.dataset})")
+    _flag(parser, "dataset", choices=["fashion-mnist", "cifar10", "cifar100", "imagenet", "kjv", "wikitext103"],
+          help=f"dataset (default {d.dataset}; kjv and wikitext103 are text, for --arch transformer_lm)")
     _flag(parser, "datadir", help="dataset folder (fashion-mnist: /usr/share/datasets/fashion-mnist; cifar: holds "
-          "cifar-10-batches-py/ or cifar-100-python/; imagenet: holds train/ and val/)")
+          "cifar-10-batches-py/ or cifar-100-python/; imagenet: holds train/ and val/; wikitext103: holds wiki.*.tokens; "
+          "kjv: caches kjv/kjv.txt there, default ~/.cache/fracfx)")
     parser.add_argument("--download", action="store_const", const=True, default=None, help="cifar: download into --datadir if missing")
     _flag(parser, "train_subset", type=int, metavar="N", help="train on the first N training samples only")
     _flag(parser, "test_subset", type=int, metavar="N", help="evaluate on the first N test samples only")
@@ -58,8 +60,14 @@ def register(subparsers) -> None:
     _flag(parser, "lr", type=float, help=f"initial learning rate (default {d.lr})")
     _flag(parser, "lr_milestones", type=int, nargs="+", metavar="ITER", help="iterations where the LR is multiplied by --lr_gamma (default 50%% and 75%% of the run)")
     _flag(parser, "lr_gamma", type=float, help=f"LR decay factor at each milestone (default {d.lr_gamma})")
+    _flag(parser, "optimizer", choices=["sgd", "adam"], help=f"sgd (FracTrain's recipes) or adam (transformers; --momentum unused) (default {d.optimizer})")
     _flag(parser, "momentum", type=float, help=f"SGD momentum (default {d.momentum})")
     _flag(parser, "weight_decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
+    lm = parser.add_argument_group("language model (--arch transformer_lm on --dataset kjv | wikitext103; default: the zoo's size)")
+    _flag(lm, "context", type=int, help="tokens per training sequence (default 128)")
+    _flag(lm, "d_model", type=int, help="model width (default 128)")
+    _flag(lm, "n_layers", type=int, help="transformer blocks (default 2)")
+    _flag(lm, "n_heads", type=int, help="attention heads, dividing --d_model (default 4)")
     static = parser.add_argument_group("static")
     _flag(static, "act_bits", type=int, help=f"activation bits, 0 = FP32 (default {d.act_bits})")
     _flag(static, "weight_bits", type=int, help=f"weight bits, 0 = FP32 (default {d.weight_bits}; dfq/fractrain: 4, their fixed weight precision)")

@@ -41,10 +41,10 @@ ARGS = [
 CRASH_AT = 19
 
 
-def _launch(folder: Path, *extra: str) -> subprocess.Popen:
+def _launch(folder: Path, *extra: str, args: list[str] = ARGS) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     return subprocess.Popen(
-        [sys.executable, "-m", "fracfx", "train", *ARGS, "--save_folder", str(folder), *extra],
+        [sys.executable, "-m", "fracfx", "train", *args, "--save_folder", str(folder), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
 
