@@ -211,7 +211,7 @@ def export_onnx(
     if verify:
         from fracfx.verify import verify_onnx
 
-        inputs = _as_tuple(verify_inputs) if verify_inputs is not None else _random_like(example_inputs, 64)
+        inputs = _as_tuple(verify_inputs) if verify_inputs is not None else random_inputs(gm, example_inputs, 64)
         check = verify_onnx(path, frozen, inputs)
         if implicit:
             deviation = freeze_deviation(gm, frozen, inputs)
@@ -225,9 +225,27 @@ def export_onnx(
     )
 
 
-def _random_like(example_inputs: Sequence[torch.Tensor], count: int) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(0)
-    return tuple(torch.randn((count,) + tuple(t.shape[1:]), generator=generator).to(t.dtype) for t in example_inputs)
+def random_inputs(gm: nn.Module, example_inputs, count: int, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """`count` seeded samples shaped like each example input (batch first), for verify.
+
+    Float inputs get N(0, 1); integer inputs are token ids, drawn uniformly from the vocabulary
+    of the model's first nn.Embedding (a language model's token embedding).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for example in _as_tuple(example_inputs):
+        shape = (count,) + tuple(example.shape[1:])
+        if example.dtype.is_floating_point:
+            samples.append(torch.randn(shape, generator=generator).to(example.dtype))
+            continue
+        vocab = next((m.num_embeddings for m in gm.modules() if isinstance(m, nn.Embedding)), None)
+        if vocab is None:
+            raise ExportError(
+                f"the example input is {example.dtype} but the model has no nn.Embedding to say which ids are valid; "
+                "pass verify_inputs=... (CLI: export without --verify)"
+            )
+        samples.append(torch.randint(0, vocab, shape, generator=generator, dtype=example.dtype))
+    return tuple(samples)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,18 +91,14 @@ def load_source(args, act_bits, weight_bits):
 
 
 def run(args) -> int:
-    import torch
 
-    from fracfx.export import export_onnx
+    from fracfx.export import export_onnx, random_inputs
 
     act_bits, weight_bits = parse_bits(args)
     if args.test_accuracy and not os.path.exists(args.source):
         raise ExportError(f"--test-accuracy measures a trained run on its test set; {args.source!r} is a model name, pass a run folder or checkpoint.pt")
     gm, example = load_source(args, act_bits, weight_bits)
-    verify_inputs = None
-    if args.verify:
-        generator = torch.Generator().manual_seed(1)
-        verify_inputs = torch.randn((max(1, args.verify_samples),) + tuple(example.shape[1:]), generator=generator)
+    verify_inputs = random_inputs(gm, example, max(1, args.verify_samples), seed=1) if args.verify else None
     report = export_onnx(
         gm, args.output, example, format=args.format, opset=args.opset, arithmetic=args.arithmetic,
         verify=args.verify, verify_inputs=verify_inputs, latency=args.latency,
