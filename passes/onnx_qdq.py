@@ -118,8 +118,21 @@ def lower_markers(model: onnx.ModelProto, quantizers: dict[str, object], *, fmt:
     graph.initializer.extend(units.made.values())
     _drop_domain(out, DOMAIN)
     prune(out)
-    helper.set_model_props(out, {METADATA_KEY: json.dumps(records), "fracfx.format": fmt})
+    _short_node_names(graph)
+    # compact JSON: the metadata is read by fracfx (describe_onnx), not by people
+    helper.set_model_props(out, {METADATA_KEY: json.dumps(records, separators=(",", ":")), "fracfx.format": fmt})
     return out
+
+
+def _short_node_names(graph: onnx.GraphProto) -> None:
+    """Name nodes `<op>_<index>`: unique, and far shorter than torch's module paths.
+
+    The module path stays in every value name (/layer1/layer1.0/conv1/Conv_output_0), so errors
+    and viewers still point at the layer. On a small network the node names are a visible share
+    of the file: cifar_resnet38's were 9.4 kB of a 405 kB int4 file.
+    """
+    for index, node in enumerate(graph.node):
+        node.name = f"{node.op_type}_{index}"
 
 
 def strip_markers(model: onnx.ModelProto) -> onnx.ModelProto:
