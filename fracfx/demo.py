@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 DEMO_WINDOW_FRACTION = 20  # indicator windows per run: short runs need short windows to turn
 
@@ -60,7 +59,6 @@ def run_demo(
 
     console.rule("2/4 fixed precision and ONNX export (int8 carrier), verified in onnxruntime")
     fixed, example = model_from_checkpoint(result.run_dir)
-    _, test_loader, _ = build_loaders("fashion-mnist", batch_size=batch_size, seed=seed, test_subset=test_subset)
     int8_path = out_dir / "model.onnx"
     report = export_onnx(fixed, int8_path, example, format="int8", verify=True, latency=True)
     for line in report.lines():

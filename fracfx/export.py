@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
