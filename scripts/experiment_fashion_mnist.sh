@@ -9,6 +9,7 @@
 # (default runs/fmnist, all five methods), then: fracfx report RUNS_DIR/* -o RUNS_DIR/report.png
 # A killed run continues from its checkpoint when the script is started again.
 set -euo pipefail
+source "$(dirname "$0")/run_once.sh"
 out=${1:-runs/fmnist}; shift || true
 methods=("$@"); [ ${#methods[@]} -gt 0 ] || methods=(static8 fractrain pfq dfq fp32)
 subset=${SUBSET:-15000}
@@ -26,9 +27,5 @@ for method in "${methods[@]}"; do
         fractrain) args=(--method fractrain --weight_bits 4 --target_ratio 1.5 --target_ratio_step 0.5 "${plateau[@]}") ;;
         *) echo "unknown method $method (fp32 static8 pfq dfq fractrain)" >&2; exit 2 ;;
     esac
-    folder=$out/$method
-    if [ -f "$folder/summary.json" ]; then echo "$method: done already ($folder)"; continue; fi
-    resume=(); [ -f "$folder/checkpoint.pt" ] && resume=(--resume "$folder")
-    echo "== $method -> $folder"
-    fracfx train "${common[@]}" "${args[@]}" --save_folder "$folder" "${resume[@]}"
+    run_once "$out/$method" "${common[@]}" "${args[@]}"
 done

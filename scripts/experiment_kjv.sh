@@ -17,6 +17,7 @@
 # (3:6,4:6,4:8,6:8,6:12), and SEED (0); give a variation its own RUNS_DIR.
 # A killed run continues from its checkpoint when the script is started again.
 set -euo pipefail
+source "$(dirname "$0")/run_once.sh"
 out=${1:-runs/kjv}; shift || true
 methods=("$@"); [ ${#methods[@]} -gt 0 ] || methods=(static8 fractrain pfq fp32)
 iters=${ITERS:-480}
@@ -35,9 +36,5 @@ for method in "${methods[@]}"; do
                          --candidates "${CANDIDATES:-3:6,4:6,4:8,6:8,6:12}" "${plateau[@]}") ;;
         *) echo "unknown method $method (fp32 static8 pfq dfq fractrain)" >&2; exit 2 ;;
     esac
-    folder=$out/$method
-    if [ -f "$folder/summary.json" ]; then echo "$method: done already ($folder)"; continue; fi
-    resume=(); [ -f "$folder/checkpoint.pt" ] && resume=(--resume "$folder")
-    echo "== $method -> $folder"
-    fracfx train "${common[@]}" "${args[@]}" --save_folder "$folder" "${resume[@]}"
+    run_once "$out/$method" "${common[@]}" "${args[@]}"
 done
