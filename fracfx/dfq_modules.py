@@ -95,7 +95,9 @@ class MixedFakeQuantFn(torch.autograd.Function):
 
 
 class MixedActQuant(nn.Module):
-    """Activation fake quant at each sample's chosen bits; ranges as ActQuant (batch / running)."""
+    """Activation fake quant at each sample's chosen bits; ranges as ActQuant (batch / running, `range_sync`)."""
+
+    range_sync = None
 
     def __init__(self, table: CandidateTable, momentum: float = 0.9):
         super().__init__()
@@ -112,7 +114,7 @@ class MixedActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.training:
-            lo, rng = tensor_range(x)
+            lo, rng = tensor_range(x) if self.range_sync is None else self.range_sync.tensor_range(x)
             with torch.no_grad():
                 m = self.momentum
                 self.running_lo.mul_(m).add_(lo.to(self.running_lo.dtype), alpha=1 - m)
@@ -146,7 +148,8 @@ class MixedGradQuant(GradQuant):
             return y
         choice = choice_of(mask)
         sample_qmax = self.candidate_qmax[choice]
-        return GradQuantFn.apply(y, 0, self.generator_for(y.device), self.stochastic, sample_qmax, choice, self.copy_output)
+        return GradQuantFn.apply(y, 0, self.generator_for(y.device), self.stochastic, sample_qmax, choice, self.copy_output,
+                                 self.range_sync, len(self.candidate_qmax))
 
     def extra_repr(self) -> str:
         return f"candidates={self.table.labels}, stochastic={self.stochastic}"

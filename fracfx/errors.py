@@ -25,3 +25,7 @@ class CheckpointError(FracfxError):
 
 class ExportError(FracfxError):
     """The model cannot be exported in the requested format."""
+
+
+class DistributedError(FracfxError):
+    """A multi-process (torchrun) run is misconfigured, or lost a rank; the message says how to resume."""

@@ -44,7 +44,13 @@ class _Quantizer(nn.Module):
 
 
 class ActQuant(_Quantizer):
-    """Activation fake quant: per-tensor batch min/max in training, running ranges in eval."""
+    """Activation fake quant: per-tensor batch min/max in training, running ranges in eval.
+
+    `range_sync` (None, or fracfx.runtime.sync_stats.RangeSync) takes the training range over
+    every rank of a data-parallel run instead of this process's share of the batch.
+    """
+
+    range_sync = None
 
     def __init__(self, bits: int | None = 8, momentum: float = 0.9, integer_zero_point: bool = False):
         super().__init__(bits)
@@ -55,7 +61,7 @@ class ActQuant(_Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            lo, rng = tensor_range(x)
+            lo, rng = tensor_range(x) if self.range_sync is None else self.range_sync.tensor_range(x)
             self._track(lo, rng)
         else:
             lo, rng = self.running_lo, self.running_range
@@ -92,7 +98,10 @@ class GradQuant(_Quantizer):
 
     Owns a torch.Generator for the rounding noise. Its state is part of state_dict() (extra
     state), so a resumed run draws exactly the noise an uninterrupted one would have drawn.
+    `range_sync` (as ActQuant's) takes the gradient's range over every rank.
     """
+
+    range_sync = None
 
     def __init__(self, bits: int | None = 8, stochastic: bool = True, seed: int = 0, copy_output: bool = True):
         super().__init__(bits)
@@ -114,7 +123,8 @@ class GradQuant(_Quantizer):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if self._bits == FP32 or not y.requires_grad:
             return y
-        return GradQuantFn.apply(y, qmax_of(self._bits), self.generator_for(y.device), self.stochastic, None, None, self.copy_output)
+        return GradQuantFn.apply(y, qmax_of(self._bits), self.generator_for(y.device), self.stochastic, None, None, self.copy_output,
+                                 self.range_sync)
 
     def get_extra_state(self):
         return {"device": self._generator.device.type, "state": self._generator.get_state()}

@@ -137,12 +137,14 @@ class GradQuantFn(torch.autograd.Function):
     sample's range is taken over the samples with the same bits only (no leakage between
     groups); entries of 0 leave that sample's gradient in FP32. `sample_group` (B,) ints, if
     given, defines the range groups instead (DFQ: the candidate each sample chose).
+    `range_sync` (fracfx.runtime.sync_stats.RangeSync) takes the ranges over every rank of a
+    data-parallel run; grouped ranges then need `num_groups` (group ids are 0..num_groups-1).
     """
 
     @staticmethod
-    def forward(ctx, y, qmax, generator, stochastic, sample_qmax, sample_group=None, copy_output=True):
+    def forward(ctx, y, qmax, generator, stochastic, sample_qmax, sample_group=None, copy_output=True, range_sync=None, num_groups=None):
         ctx.qmax, ctx.generator, ctx.stochastic, ctx.sample_qmax = qmax, generator, stochastic, sample_qmax
-        ctx.sample_group = sample_group
+        ctx.sample_group, ctx.range_sync, ctx.num_groups = sample_group, range_sync, num_groups
         # Autograd refuses in-place writes (conv -> ReLU(inplace=True)) on a view made inside a
         # Function, so such consumers get a copy; insert_quant knows the consumers and turns the
         # copy off when none writes in place (saves one pass over every output).
@@ -152,25 +154,35 @@ class GradQuantFn(torch.autograd.Function):
     def backward(ctx, grad):
         noise = rounding_noise(grad.shape, ctx.generator, grad.device) if ctx.stochastic else None
         if ctx.sample_qmax is None:
-            lo, rng = tensor_range(grad)
+            lo, rng = tensor_range(grad) if ctx.range_sync is None else ctx.range_sync.tensor_range(grad)
             out = fake_quant(grad, lo, rng, ctx.qmax, noise)
         else:
-            out = _grouped_quant(grad, ctx.sample_qmax, noise, ctx.sample_group)
-        return out, None, None, None, None, None, None
+            out = _grouped_quant(grad, ctx.sample_qmax, noise, ctx.sample_group, ctx.range_sync, ctx.num_groups)
+        return out, None, None, None, None, None, None, None, None
 
 
-def _grouped_quant(grad: torch.Tensor, sample_qmax: torch.Tensor, noise, groups: torch.Tensor | None = None) -> torch.Tensor:
+def _grouped_quant(grad: torch.Tensor, sample_qmax: torch.Tensor, noise, groups: torch.Tensor | None = None,
+                   range_sync=None, num_groups: int | None = None) -> torch.Tensor:
     """Quantize each sample at its own qmax, with (lo, R) pooled over its group's samples only.
 
     Groups are the samples sharing a qmax, or the given (B,) `groups` ids (samples in one group
     must share a qmax). A sample's grid therefore depends on its own group's gradients alone.
+    With `range_sync`, a group's range spans its samples on every rank (ids 0..num_groups-1).
     """
     batch = grad.shape[0]
     flat = grad.detach().reshape(batch, -1)
     sample_lo, sample_hi = _row_min_max(flat)
-    ids = torch.unique(sample_qmax if groups is None else groups, return_inverse=True)[1]
-    lo = torch.full_like(sample_lo, float("inf")).scatter_reduce(0, ids, sample_lo, "amin", include_self=False)[ids]
-    hi = torch.full_like(sample_hi, float("-inf")).scatter_reduce(0, ids, sample_hi, "amax", include_self=False)[ids]
+    if range_sync is None:
+        ids = torch.unique(sample_qmax if groups is None else groups, return_inverse=True)[1]
+        lo = torch.full_like(sample_lo, float("inf")).scatter_reduce(0, ids, sample_lo, "amin", include_self=False)[ids]
+        hi = torch.full_like(sample_hi, float("-inf")).scatter_reduce(0, ids, sample_hi, "amax", include_self=False)[ids]
+    else:
+        if groups is None or num_groups is None:
+            raise ValueError("ranges synchronised across ranks need explicit group ids and num_groups (the same on every rank)")
+        group_lo = sample_lo.new_full((num_groups,), float("inf")).scatter_reduce(0, groups, sample_lo, "amin")
+        group_hi = sample_hi.new_full((num_groups,), float("-inf")).scatter_reduce(0, groups, sample_hi, "amax")
+        group_lo, group_hi = range_sync.group_min_max(group_lo, group_hi)
+        lo, hi = group_lo[groups], group_hi[groups]
     bshape = (batch,) + (1,) * (grad.dim() - 1)
     qmax = sample_qmax.to(grad.dtype).view(bshape)
     fp32 = (sample_qmax == 0).view(bshape)

@@ -78,7 +78,7 @@ def _finite(value, what: str, minimum: float = -math.inf) -> float:
 class DFQController:
     """The cost term of DFQ training, the cp it steers, and per-block candidate usage."""
 
-    def __init__(self, gm: fx.GraphModule, *, target_ratio: float, beta: float = 1e-3, relax: float = 0.0, band_sign: float = 0.0):
+    def __init__(self, gm: fx.GraphModule, *, target_ratio: float, beta: float = 1e-3, relax: float = 0.0, band_sign: float = 0.0, reduce=None):
         if not isinstance(gm, fx.GraphModule):
             raise ConfigError("DFQController needs the GraphModule returned by fracfx.transform(model, fracfx.DFQConfig(...), example_inputs=...)")
         self.blocks = _find_blocks(gm)
@@ -94,6 +94,10 @@ class DFQController:
         self.usage_counts: dict[str, list[int]] = {b.name: [0] * len(self.labels) for b in self.blocks}
         self.last_cp: float | None = None
         self._recorded = -1
+        if reduce is not None and not (callable(getattr(reduce, "sum", None)) and isinstance(getattr(reduce, "world_size", None), int)):
+            raise ConfigError("reduce must have world_size and sum(values) -> list[float] (a fracfx.runtime.distributed.RankContext), or be None")
+        self.reduce = reduce
+        self.last_counts: list[list[int]] | None = None  # with reduce: per block, the global batch's choices
 
     @property
     def total_macs(self) -> int:
@@ -116,7 +120,14 @@ class DFQController:
         return total
 
     def observe(self) -> float:
-        """cp of the last forward; adds its choices to the usage counts (once per forward)."""
+        """cp of the last forward; adds its choices to the usage counts (once per forward).
+
+        With `reduce` (data-parallel runs), cp and the counts are those of the global batch:
+        C, the batch size and the per-block choices are summed over ranks in one all_reduce,
+        once per forward (a second call for the same forward returns the cached cp).
+        """
+        if self.reduce is not None:
+            return self._observe_global()
         masks = self._masks()
         batch = masks[0].shape[0]
         with torch.no_grad():
@@ -130,6 +141,25 @@ class DFQController:
         self.last_cp = cp
         return cp
 
+    def _observe_global(self) -> float:
+        masks = self._masks()
+        forward = self.blocks[0].choice.forward_count
+        if forward == self._recorded:
+            return self.last_cp
+        with torch.no_grad():
+            local = [float(self._cost()), float(masks[0].shape[0])]
+        k = len(self.labels)
+        for mask in masks:
+            local += torch.bincount(choice_of(mask), minlength=k).tolist()
+        total = self.reduce.sum(local)
+        cost, batch = total[0], total[1]
+        counts = [[int(round(c)) for c in total[2 + i * k:2 + (i + 1) * k]] for i in range(len(masks))]
+        for block, row in zip(self.blocks, counts):
+            self.usage_counts[block.name] = [a + b for a, b in zip(self.usage_counts[block.name], row)]
+        self._recorded, self.last_counts = forward, counts
+        self.last_cp = 100.0 * cost / (batch * 3 * FP32_BITOPS * self.total_macs)
+        return self.last_cp
+
     @property
     def cp(self) -> float:
         """Percent of FP32 training cost of the gated ops in the last forward."""
@@ -142,9 +172,15 @@ class DFQController:
         return 1.0 if cp >= self.target_ratio else -1.0
 
     def cost_loss(self) -> torch.Tensor:
-        """r * beta * C_norm for the last forward; add it to the task loss."""
+        """r * beta * C_norm for the last forward; add it to the task loss.
+
+        With `reduce`, r follows the global cp and this rank's C is scaled by the world size, so
+        that DDP's gradient average equals the gradient of the global batch's cost term.
+        """
         r = self.sign(self.observe())
         mean_block_macs = self.total_macs / len(self.blocks)
+        if self.reduce is not None:
+            r = r * self.reduce.world_size
         return self._cost() * (r * self.beta / (FP32_BITOPS * mean_block_macs))
 
     @property
@@ -193,6 +229,7 @@ class FracTrainScheduler:
         initial_threshold: float = 0.05,
         decay: float = 0.3,
         decay_turning_points: Iterable[int] = (1, 2),
+        reduce=None,
     ):
         if not isinstance(controller, DFQController):
             raise ConfigError("FracTrainScheduler drives a fracfx.runtime.DFQController; pass one")
@@ -203,7 +240,7 @@ class FracTrainScheduler:
             num_turning_point=num_turning_point, initial_threshold=initial_threshold,
             decay=decay, decay_turning_points=decay_turning_points,
         )
-        self.tracker = PlateauTracker(window=window, indicator=indicator)
+        self.tracker = PlateauTracker(window=window, indicator=indicator, reduce=reduce)
 
     @property
     def stage(self) -> int:

@@ -109,7 +109,19 @@ class DFQCostMeter:
         self.ungated_effective_macs = 0.0
 
     def counts(self, batch_size: int) -> list[list[int]]:
-        """Per gated block, how many samples of the last forward chose each candidate."""
+        """Per gated block, how many samples of the last forward chose each candidate.
+
+        A controller with `reduce` (data-parallel) gives the global batch's counts; batch_size
+        is then the global batch size.
+        """
+        if self.controller.reduce is not None:
+            counts = self.controller.last_counts
+            if counts is None or any(sum(row) != batch_size for row in counts):
+                raise ConfigError(
+                    f"the controller's last global batch had {None if counts is None else sum(counts[0])} samples, not {batch_size}; "
+                    "call controller.cost_loss() in the training step and step() right after it with the global batch size"
+                )
+            return counts
         counts = []
         for block in self.controller.blocks:
             mask = block.choice.last_mask

@@ -7,6 +7,9 @@ quantizers. Forward bits drive activations and weights, backward bits drive grad
     for x, y in loader:
         loss = criterion(qm(x), y); opt.zero_grad(); loss.backward(); opt.step()
         pfq.step(loss)          # a switch decided here is in force from the next iteration
+
+Under DistributedDataParallel pass reduce=RankContext and step() with each rank's share of the
+global mean loss (see PlateauTracker): every rank then switches at the same iteration.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class PFQScheduler:
         window: int = 400,
         decay_turning_points: Iterable[int] = (1, 2),
         weight_schedule: Sequence[int] | None = None,
+        reduce=None,
     ):
         if not isinstance(gm, nn.Module) or not any(isinstance(m, QUANTIZER_TYPES) for m in gm.modules()):
             raise ConfigError("PFQScheduler needs a model with fracfx quantizers; pass the module returned by fracfx.transform(model, config)")
@@ -76,7 +80,7 @@ class PFQScheduler:
                 f"the schedules have {len(self.fw_schedule)} stages but num_turning_point={num_turning_point} needs "
                 f"{num_turning_point + 1}; add stages or lower num_turning_point"
             )
-        self.tracker = PlateauTracker(window=window, indicator=indicator)
+        self.tracker = PlateauTracker(window=window, indicator=indicator, reduce=reduce)
         self._apply_bits()
 
     # -- what the training loop and loggers read ------------------------------------------

@@ -187,17 +187,27 @@ class PlateauTracker:
 
     Iterations are counted from 1: a turning point (iteration i, l) means step i closed the window
     whose mean loss was l, and the new stage is in force from iteration i + 1.
+
+    Data-parallel runs pass `reduce` (fracfx.runtime.distributed.RankContext) and step() each
+    rank with its share of the iteration's global mean loss (local mean * local / global batch):
+    the shares are summed over ranks once per window (one all_reduce), so every rank sees the
+    global window loss and switches at the same iteration. sync() folds the open window's
+    shares into a sum every rank holds; call it on every rank before state_dict().
     """
 
-    def __init__(self, *, window: int = 400, indicator: PlateauIndicator | None = None):
+    def __init__(self, *, window: int = 400, indicator: PlateauIndicator | None = None, reduce=None):
         self.window = _check_int(window, "window", 1, "it is the number of iterations per window (the paper uses 400 on CIFAR, one epoch on ImageNet)")
         self.indicator = PlateauIndicator() if indicator is None else indicator
+        if reduce is not None and not callable(getattr(reduce, "sum", None)):
+            raise ConfigError("reduce must have sum(values) -> list[float] (a fracfx.runtime.distributed.RankContext), or be None")
+        self.reduce = reduce
         self.iteration = 0
         self.turning_points: list[tuple[int, float]] = []
         # Summed in float64 (a Python float, or a tensor on the loss's device) so float and
         # tensor losses give bit-identical window means.
         self._window_sum: float | torch.Tensor = 0.0
         self._window_count = 0
+        self._synced_sum = 0.0  # with reduce: the part of the open window already summed over ranks
 
     @property
     def stage(self) -> int:
@@ -210,19 +220,31 @@ class PlateauTracker:
         self.iteration += 1
         if self._window_count < self.window:
             return False
-        window_loss = float(self._window_sum) / self._window_count
+        if self.reduce is None:
+            window_loss = float(self._window_sum) / self._window_count
+        else:
+            window_loss = (self._synced_sum + self.reduce.sum([float(self._window_sum)])[0]) / self._window_count
+            self._synced_sum = 0.0
         self._window_sum, self._window_count = 0.0, 0
         if not self.indicator.update(window_loss):
             return False
         self.turning_points.append((self.iteration, window_loss))
         return True
 
+    def sync(self) -> None:
+        """With reduce: sum the open window's per-rank losses over ranks now (a collective; no-op without reduce)."""
+        if self.reduce is not None:
+            self._synced_sum += self.reduce.sum([float(self._window_sum)])[0]
+            self._window_sum = 0.0
+
     def state_dict(self) -> dict[str, Any]:
+        if self.reduce is not None and float(self._window_sum) != 0.0:
+            raise ConfigError("this PlateauTracker holds losses not yet summed over ranks; call sync() on every rank before state_dict()")
         return {
             "version": STATE_VERSION,
             "window": self.window,
             "iteration": self.iteration,
-            "window_sum": float(self._window_sum),
+            "window_sum": float(self._window_sum) if self.reduce is None else self._synced_sum,
             "window_count": self._window_count,
             "turning_points": [[i, l] for i, l in self.turning_points],
             "indicator": self.indicator.state_dict(),
@@ -243,5 +265,9 @@ class PlateauTracker:
         if not 0 <= window_count < self.window:
             raise ConfigError(f"PlateauTracker state has {window_count} iterations in the open window, outside 0..{self.window - 1}")
         self.indicator.load_state_dict(indicator_state)
-        self.iteration, self._window_sum, self._window_count = iteration, window_sum, window_count
+        self.iteration, self._window_count = iteration, window_count
+        if self.reduce is None:
+            self._window_sum = window_sum
+        else:  # the saved sum is over all ranks already
+            self._window_sum, self._synced_sum = 0.0, window_sum
         self.turning_points = turning_points
