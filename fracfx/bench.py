@@ -59,3 +59,50 @@ def training_step(
         optimizer.step()
 
     return step
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host` (bind to port 0, read it, close)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def data_parallel_throughput(config, *, warmup: int, iters: int) -> dict:
+    """Images per second of `fracfx train` steps with this config, in this process group.
+
+    Every rank calls it (run by torchrun; a world of one is the plain single-process trainer).
+    The steps are the trainer's own (_Session.step: DDP forward/backward, the method's schedule,
+    the cost meter); no evaluation or checkpoint is timed. Ranks meet at a barrier before and
+    after the timed steps, so the time is that of the slowest rank.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from fracfx.data import train_batches
+    from fracfx.runtime import distributed
+    from fracfx.train import _Session
+
+    launch = distributed.launch_environment()
+    ranks = None if launch is None else distributed.start(launch, config.device)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            session = _Session(config.replace(save_folder=folder), Path(folder), ranks)
+            batches = train_batches(session.train_loader)
+            for _ in range(warmup):
+                session.step(*next(batches))
+            if ranks is not None:
+                ranks.barrier()
+            start = time.perf_counter()
+            for _ in range(iters):
+                session.step(*next(batches))
+            if ranks is not None:
+                ranks.barrier()
+            seconds = time.perf_counter() - start
+    finally:
+        distributed.stop(ranks)
+    processes = 1 if ranks is None else ranks.world_size
+    return {"processes": processes, "threads": torch.get_num_threads(), "batch_size": config.batch_size, "iterations": iters,
+            "seconds": seconds, "images_per_s": iters * config.batch_size / seconds, "rank": 0 if ranks is None else ranks.rank}

@@ -83,16 +83,27 @@ class EpochBatchSampler(Sampler):
 
     set_position(epoch, batch) makes the next iteration start at that batch of that epoch (the
     already consumed batches are skipped without touching any data).
+
+    Data-parallel runs give each rank its `rank` and the `world_size`: batch_size stays the
+    global batch, and a rank yields keys[rank::world_size] of every global batch (the partition
+    torch's DistributedSampler makes of an epoch, here per batch of fracfx's resumable order), so
+    the ranks together see exactly the batches of a single-process run.
     """
 
-    def __init__(self, size: int, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = False):
+    def __init__(self, size: int, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
         if size <= 0:
             raise ConfigError("the training set is empty")
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
+        if world_size > 1:
+            _check_shards(size, batch_size, world_size, drop_last)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -110,13 +121,38 @@ class EpochBatchSampler(Sampler):
         generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         return torch.randperm(self.size, generator=generator)
 
+    def global_batch_size(self, batch: int) -> int:
+        """Samples in batch `batch` of an epoch, over all ranks."""
+        return min(self.batch_size, self.size - batch * self.batch_size)
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = self.permutation(self.epoch).tolist()
         for b in range(self.start_batch, self.batches_per_epoch):
-            yield [(self.epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+            keys = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.world_size > 1:
+                keys = keys[self.rank::self.world_size]
+            yield [(self.epoch, i) for i in keys]
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+
+def _check_shards(size: int, batch_size: int, world_size: int, drop_last: bool) -> None:
+    """Every rank needs at least one sample of every global batch."""
+    if batch_size < world_size:
+        raise ConfigError(f"--batch_size {batch_size} is the global batch (all ranks together) and cannot feed {world_size} ranks; "
+                          f"use a batch size of at least {world_size}")
+    rest = size % batch_size
+    if rest and not drop_last and rest < world_size:
+        raise ConfigError(f"the last batch of each epoch holds {rest} of {size} samples, fewer than the {world_size} ranks; "
+                          f"choose --batch_size (or --train_subset) so that {size} % batch_size is 0 or at least {world_size}")
+
+
+def rank_shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """Samples rank, rank + world_size, ... of `dataset` (evaluation split over ranks); the dataset itself for one rank."""
+    if world_size == 1:
+        return dataset
+    return torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
 
 
 def train_batches(loader: DataLoader, start_iteration: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -407,12 +443,16 @@ def build_loaders(
     download: bool = False,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader, DatasetInfo]:
     """(train_loader, test_loader, info).
 
     The training loader's batch_sampler is an EpochBatchSampler (shuffled, last partial batch
     kept); iterate it with train_batches(loader, start_iteration). train_subset/test_subset keep
-    the first N samples (quick runs and tests).
+    the first N samples (quick runs and tests). With world_size > 1 both loaders hold this
+    rank's share: of every global batch of batch_size, and of the test set (info keeps the
+    full sizes).
     """
     if workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
@@ -423,9 +463,9 @@ def build_loaders(
         train = _KeyedSubset(train, min(train_subset, len(train)))
     test = _subset(test, test_subset)
     info = dataclasses.replace(info, train_size=len(train), test_size=len(test))
-    sampler = EpochBatchSampler(len(train), batch_size, seed=seed)
+    sampler = EpochBatchSampler(len(train), batch_size, seed=seed, rank=rank, world_size=world_size)
     generator = torch.Generator().manual_seed(mix_seed(seed, 0x5EED))  # worker base seeds
     common = dict(num_workers=workers, persistent_workers=False)
     train_loader = DataLoader(train, batch_sampler=sampler, generator=generator, **common)
-    test_loader = DataLoader(test, batch_size=test_batch_size or max(batch_size, 256), shuffle=False, **common)
+    test_loader = DataLoader(rank_shard(test, rank, world_size), batch_size=test_batch_size or max(batch_size, 256), shuffle=False, **common)
     return train_loader, test_loader, info

@@ -33,11 +33,13 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import io
 import json
 import math
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fracfx.bits import check_bits, cost_bits
-from fracfx.errors import CheckpointError, ConfigError
+from fracfx.errors import CheckpointError, ConfigError, DistributedError
 
 # Modules that define more methods (imported on first lookup; a missing one is skipped).
 METHOD_MODULES: tuple[str, ...] = ("fracfx.train_dfq",)
@@ -129,6 +131,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     device: str = "cpu"
+    stochastic_grad: bool = True  # False: round gradients to nearest (deterministic; for comparisons)
+    sync_bn: bool = False  # data-parallel runs: BatchNorm statistics over all ranks (runtime/sync_stats.py)
+    sync_ranges: bool = False  # data-parallel runs: quantizer ranges over all ranks
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # method-specific
 
     def __post_init__(self):
@@ -154,6 +159,9 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum!r} and {self.weight_decay!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError(f"workers must be an int >= 0, got {self.workers!r}")
+        for name in ("stochastic_grad", "sync_bn", "sync_ranges"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("act_bits", "weight_bits", "grad_bits"):
             check_bits(getattr(self, name), name)
         for name in ("num_bits_schedule", "num_grad_bits_schedule", "lr_milestones", "keep_fp32"):
@@ -254,6 +262,10 @@ class Method:
     after_step() after optimizer.step(); precision() whenever it logs; state_dict() /
     load_state_dict() for checkpoints (plain data and tensors only). The model returned by
     build() is what gets optimized (its parameters, including any gate, go to SGD).
+
+    In a data-parallel run `ranks` is the fracfx.runtime.distributed.RankContext (else None):
+    pass it as `reduce=` to the runtime objects whose decisions must be global, and fold
+    per-rank statistics in synchronize().
     """
 
     name: ClassVar[str] = ""
@@ -261,8 +273,8 @@ class Method:
     options: ClassVar[tuple[Option, ...]] = ()
     field_defaults: ClassVar[dict[str, Any]] = {}  # TrainConfig fields this method defaults differently
 
-    def __init__(self, config: TrainConfig, plan: Plan):
-        self.config, self.plan = config, plan
+    def __init__(self, config: TrainConfig, plan: Plan, ranks=None):
+        self.config, self.plan, self.ranks = config, plan, ranks
         self.model: nn.Module | None = None
         self.cost_model: nn.Module | None = None
 
@@ -283,7 +295,7 @@ class Method:
         from fracfx.config import QuantConfig
 
         kwargs = {} if self.config.keep_fp32 is None else {"keep_fp32": self.config.keep_fp32}
-        return QuantConfig(act_bits=act, weight_bits=weight, grad_bits=grad, **kwargs)
+        return QuantConfig(act_bits=act, weight_bits=weight, grad_bits=grad, stochastic_grad=self.config.stochastic_grad, **kwargs)
 
     def build(self, model: nn.Module, example_input: torch.Tensor) -> nn.Module:
         """Return the model to train; also set self.cost_model (a transformed graph for CostMeter)."""
@@ -300,7 +312,12 @@ class Method:
         return ce
 
     def after_step(self, loss: float) -> None:
-        """Called after optimizer.step() with this iteration's cross-entropy."""
+        """Called after optimizer.step() with this iteration's cross-entropy (data-parallel: this
+        rank's share of the global batch's mean cross-entropy; the shares sum to it)."""
+
+    def synchronize(self) -> None:
+        """Data-parallel runs only: called on every rank at each evaluation, before the metrics
+        record and the checkpoint; fold per-rank statistics into state every rank shares."""
 
     def after_evaluate(self) -> None:
         """Called after each evaluation's metrics record, before its checkpoint (reset per-window state here)."""
@@ -413,13 +430,16 @@ class PFQMethod(Method):
         seed_rounding(self.model, c.seed)
         self.scheduler = PFQScheduler(
             self.model, fw, bw, num_turning_point=c.num_turning_point, initial_threshold=c.initial_threshold,
-            decay=c.decay, window=self.plan.window,
+            decay=c.decay, window=self.plan.window, reduce=self.ranks,
         )
         self.cost_model = self.model
         return self.model
 
     def after_step(self, loss: float) -> None:
         self.scheduler.step(loss)
+
+    def synchronize(self) -> None:
+        self.scheduler.tracker.sync()
 
     def precision(self) -> Precision:
         a, w, g = self.scheduler.bits
@@ -637,9 +657,14 @@ class TrainResult:
     summary: dict
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
     """(mean cross-entropy, accuracy in %) over the loader, in eval mode."""
+    return _loss_and_accuracy(*evaluate_sums(model, loader, device))
+
+
+@torch.no_grad()
+def evaluate_sums(model: nn.Module, loader, device: torch.device) -> tuple[float, int, int]:
+    """(summed cross-entropy, correct predictions, samples) over the loader, in eval mode."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -650,6 +675,10 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, flo
         correct += int((outputs.argmax(1) == targets).sum())
         count += len(targets)
     model.train(was_training)
+    return total_loss, correct, count
+
+
+def _loss_and_accuracy(total_loss: float, correct: int, count: int) -> tuple[float, float]:
     return total_loss / max(count, 1), 100.0 * correct / max(count, 1)
 
 
@@ -661,6 +690,7 @@ def train(
     console=None,
     log_every: int = 0,
     crash_after: int | None = None,
+    crash_rank: int = 0,
 ) -> TrainResult:
     """Train (or resume) a run; returns the model, metrics and summary.
 
@@ -670,43 +700,93 @@ def train(
     progress: None shows a live display only on a terminal.
     log_every: without the live display, also print a short line every N iterations (0: only
       at evaluations).
-    crash_after: SIGKILL this process right after that iteration (tests of resume use it).
+    crash_after: SIGKILL this process right after that iteration (tests of resume use it); in a
+      data-parallel run only rank `crash_rank`, and only in torchrun's first attempt.
+
+    Run by torchrun with WORLD_SIZE > 1, every rank calls this: DistributedDataParallel on the
+    process group (gloo on CPU, nccl on CUDA), --batch_size split over the ranks, schedules
+    decided on global statistics, checkpoints written by rank 0 (see fracfx.runtime.distributed).
+    After an elastic restart (torchrun --max-restarts) a run whose --save_folder holds a
+    checkpoint resumes from it.
     """
     from rich.console import Console
 
-    from fracfx.data import train_batches
+    from fracfx.runtime import distributed
 
+    launch = distributed.launch_environment()
+    main = launch is None or launch.rank == 0
     console = console or Console()
-    config, run_dir, state = _open_run(config, resume)
-    session = _Session(config, run_dir)
-    if state is not None:
-        session.restore(state)
-    else:
-        session.start()
-    display = _Display(console, session.plan.iterations, session.iteration, enabled=progress,
-                       title=f"{config.method} {config.arch} {config.dataset}", log_every=log_every)
-    display.perplexity = session.task.metric == "ppl"
-    with display:
-        if not session.finished:
-            for index, inputs, targets in train_batches(session.train_loader, session.iteration):
-                loss = session.step(index, inputs, targets)
-                if crash_after is not None and session.iteration == crash_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                display.update(session.iteration, loss, session.train_acc, session.method.precision(), session.meter.summary())
-                if session.iteration % session.plan.eval_every == 0 or session.finished:
-                    record = session.evaluate_and_checkpoint()
-                    display.test_acc, display.test_ppl = record["test_acc"], record.get("test_ppl")
-                    display.log(_eval_line(record))
-                if session.finished:
-                    break
+    if not main:
+        console = Console(file=io.StringIO())
+    config, run_dir, state = _open_run(config, resume, restart_count=0 if launch is None else launch.restart_count, console=console)
+    ranks = None if launch is None else distributed.start(launch, config.device)
+    session, previous_handler = None, None
+    if ranks is not None and threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        session = _Session(config, run_dir, ranks)
+        if state is not None:
+            session.restore(state)
+        else:
+            session.start()
+        title = f"{config.method} {config.arch} {config.dataset}" + ("" if ranks is None else f" on {ranks.world_size} ranks")
+        display = _Display(console, session.plan.iterations, session.iteration, enabled=progress if main else False,
+                           title=title, log_every=log_every)
+        display.perplexity = session.task.metric == "ppl"
+        crash_here = crash_after is not None and (launch is None or (launch.rank == crash_rank and launch.restart_count == 0))
+        _run_loop(session, display, crash_after if crash_here else None)
+    except Exception as error:
+        if ranks is None or not (isinstance(error, distributed.Terminated) or distributed.is_peer_failure(error)):
+            raise
+        iteration = 0 if session is None else session.iteration
+        saved = None if session is None else session.checkpoint_iteration
+        if isinstance(error, distributed.Terminated):
+            raise DistributedError(distributed.terminated_message(ranks, iteration, saved, run_dir)) from None
+        raise DistributedError(distributed.peer_failure_message(ranks, iteration, saved, run_dir, error)) from error
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        distributed.stop(ranks)
     summary = _summary(config, session.plan, session.metrics, session.meter.summary(), session.elapsed())
-    _write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if ranks is not None:
+        summary["ranks"] = ranks.world_size
+    if main:
+        _write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     console.print(summary_table(summary))
     return TrainResult(run_dir, session.model, session.metrics, summary)
 
 
-def _open_run(config: TrainConfig | None, resume) -> tuple[TrainConfig, Path, dict | None]:
-    """(config, run directory, checkpoint payload or None) for a fresh or a resumed run."""
+def _run_loop(session: "_Session", display: "_Display", crash_after: int | None) -> None:
+    from fracfx.data import train_batches
+
+    with display:
+        if session.finished:
+            return
+        for index, inputs, targets in train_batches(session.train_loader, session.iteration):
+            loss = session.step(index, inputs, targets)
+            if crash_after is not None and session.iteration == crash_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            display.update(session.iteration, loss, session.train_acc, session.method.precision(), session.meter.summary())
+            if session.iteration % session.plan.eval_every == 0 or session.finished:
+                record = session.evaluate_and_checkpoint()
+                display.test_acc, display.test_ppl = record["test_acc"], record.get("test_ppl")
+                display.log(_eval_line(record))
+            if session.finished:
+                return
+
+
+def _raise_terminated(signum, frame):
+    from fracfx.runtime.distributed import Terminated
+
+    raise Terminated()
+
+
+def _open_run(config: TrainConfig | None, resume, *, restart_count: int = 0, console=None) -> tuple[TrainConfig, Path, dict | None]:
+    """(config, run directory, checkpoint payload or None) for a fresh or a resumed run.
+
+    restart_count > 0 (torchrun restarted the workers): a fresh run's folder that already holds
+    a checkpoint is resumed from it, as the restarted job's command line is the first one.
+    """
     from fracfx.runtime.checkpoint import load_checkpoint
 
     if resume is None:
@@ -714,8 +794,13 @@ def _open_run(config: TrainConfig | None, resume) -> tuple[TrainConfig, Path, di
             raise ConfigError("train() needs a TrainConfig (or resume=RUN_DIR)")
         run_dir = Path(config.save_folder)
         if (run_dir / CHECKPOINT).exists():
-            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, or choose another --save_folder")
-        return config, run_dir, None
+            if not restart_count:
+                raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, or choose another --save_folder")
+            if console is not None:
+                console.print(f"torchrun restart {restart_count}: resuming {run_dir} from its last checkpoint")
+            resume = run_dir
+        else:
+            return config, run_dir, None
     path = resolve_checkpoint(resume)
     state = load_checkpoint(path)
     if state.get("kind") != RUN_KIND:
@@ -733,33 +818,52 @@ def _fresh_window() -> dict[str, float | int]:
 
 
 class _Session:
-    """The live objects of one run; payload() and restore() are its checkpoint."""
+    """The live objects of one run; payload() and restore() are its checkpoint.
 
-    def __init__(self, config: TrainConfig, run_dir: Path):
-        self.config, self.run_dir = config, run_dir
+    `ranks` (a RankContext, data-parallel runs) or None. Distributed, `train_model` is the DDP
+    wrapper (forward and backward go through it) and `model` the module inside it (evaluation,
+    checkpoints); each rank holds its share of every batch and of the test set.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: Path, ranks=None):
+        self.config, self.run_dir, self.ranks = config, run_dir, ranks
+        self.is_main = ranks is None or ranks.is_main
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(config.device)
+        self.device = torch.device(config.device) if ranks is None else ranks.device
         seed_everything(config.seed)
+        rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
         self.task = task_for(config)
         self.train_loader, self.test_loader, self.info = self.task.build_loaders(
             config.dataset, datadir=config.datadir, batch_size=config.batch_size, test_batch_size=config.test_batch_size,
             workers=config.workers, seed=config.seed, download=config.download,
-            train_subset=config.train_subset, test_subset=config.test_subset,
+            train_subset=config.train_subset, test_subset=config.test_subset, rank=rank, world_size=world,
         )
         self.plan = plan_run(config, self.train_loader.batch_sampler.batches_per_epoch)
         info = self.info.to_dict()
         float_model = self.task.float_model(info)
-        self.method = get_method(config.method)(config, self.plan)
+        self.method = get_method(config.method)(config, self.plan, ranks=ranks)
         self.model = self.method.build(float_model, self.task.example_input(info, 2)).to(self.device)
         self.model.train()
         self.meter = self.method.cost_meter()
+        self.train_model = self.model if ranks is None else self._data_parallel()
         if config.optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(self.plan.lr_milestones), gamma=config.lr_gamma)
         self.iteration, self.metrics, self.window = 0, [], _fresh_window()
+        self.checkpoint_iteration: int | None = None
         self._elapsed_before, self._started = 0.0, time.perf_counter()
+
+    def _data_parallel(self) -> nn.Module:
+        """Per-rank random streams (rank 0 keeps the single-process ones), synced statistics, DDP."""
+        from fracfx.api import seed_rounding
+        from fracfx.runtime.distributed import data_parallel, seed_for_rank
+
+        if self.ranks.rank:
+            seed_rounding(self.model, seed_for_rank(self.config.seed, self.ranks.rank))
+            seed_everything(seed_for_rank(self.config.seed, self.ranks.rank))
+        return data_parallel(self.model, self.ranks, sync_bn=self.config.sync_bn, sync_ranges=self.config.sync_ranges)
 
     @property
     def finished(self) -> bool:
@@ -773,27 +877,35 @@ class _Session:
         return self._elapsed_before + (time.perf_counter() - self._started)
 
     def start(self) -> None:
+        if not self.is_main:
+            return
         (self.run_dir / METRICS).unlink(missing_ok=True)
         _write_atomic(self.run_dir / CONFIG, json.dumps(
             {"config": self.config.to_dict(), "plan": dataclasses.asdict(self.plan), "dataset": self.info.to_dict(),
              "method_help": self.method.help, "torch": torch.__version__}, indent=2, sort_keys=True) + "\n")
 
     def step(self, index: int, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """One training iteration; returns its cross-entropy."""
+        """One training iteration; returns its cross-entropy (data-parallel: over this rank's share)."""
         if index != self.iteration:
             raise RuntimeError(f"data stream at iteration {index}, training at {self.iteration}")
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        outputs = self.model(inputs)
+        outputs = self.train_model(inputs)
         logits, labels = _predictions(outputs, targets)
         ce = F.cross_entropy(logits, labels)
-        loss = self.method.loss(outputs, targets, ce)
+        share = global_batch = None
+        if self.ranks is not None:
+            # DDP averages gradients over ranks: weighting each rank's mean by its share of the
+            # global batch (times the world size) makes that average the global batch's gradient.
+            global_batch = self.train_loader.batch_sampler.global_batch_size(index % self.plan.batches_per_epoch)
+            share = len(targets) / global_batch
+        loss = self.method.loss(outputs, targets, ce if share is None else ce * (share * self.ranks.world_size))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.lr_schedule.step()
-        self.meter.step(len(targets))  # at the bits in force during this step
+        self.meter.step(len(targets) if global_batch is None else global_batch)  # at the bits in force during this step
         ce_value = float(ce.detach())
-        self.method.after_step(ce_value)  # a switch decided here applies from the next step
+        self.method.after_step(ce_value if share is None else ce_value * share)  # a switch decided here applies from the next step
         self.iteration += 1
         self.window["loss"] += ce_value * len(labels)
         self.window["correct"] += int((logits.detach().argmax(1) == labels).sum())
@@ -801,28 +913,56 @@ class _Session:
         self.window["steps"] += 1
         return ce_value
 
+    def _evaluate(self) -> tuple[float, float, dict]:
+        """(test loss, test accuracy, training window): over all ranks in a data-parallel run."""
+        if self.ranks is None:
+            return (*evaluate(self.model, self.test_loader, self.device), self.window)
+        self.ranks.broadcast_buffers(self.model)  # evaluate every shard with rank 0's running statistics
+        w = self.window
+        total = self.ranks.sum([*evaluate_sums(self.model, self.test_loader, self.device), w["loss"], w["correct"], w["samples"]])
+        self.method.synchronize()
+        window = dict(w, loss=total[3], correct=round(total[4]), samples=round(total[5]))
+        return (*_loss_and_accuracy(total[0], round(total[1]), round(total[2])), window)
+
     def evaluate_and_checkpoint(self) -> dict:
         """Evaluate, append the metrics record, checkpoint (atomically), then log the line."""
         from fracfx.runtime.checkpoint import save_checkpoint
 
-        test_loss, test_acc = evaluate(self.model, self.test_loader, self.device)
-        record = _metrics_record(self.iteration, self.plan, self.window, test_loss, test_acc, self.lr_schedule,
+        test_loss, test_acc, window = self._evaluate()
+        record = _metrics_record(self.iteration, self.plan, window, test_loss, test_acc, self.lr_schedule,
                                  self.method.precision(), self.meter.summary())
         self.task.add_metrics(record)  # language models: train_ppl, test_ppl
         record[TIMING_KEY] = {"elapsed_s": round(self.elapsed(), 3), "unix_time": round(time.time(), 3)}
         self.metrics.append(record)
         self.window = _fresh_window()
         self.method.after_evaluate()
-        save_checkpoint(self.run_dir / CHECKPOINT, self.payload())
+        rank_states = None if self.ranks is None else self._rank_states()
+        self.checkpoint_iteration = self.iteration
+        if not self.is_main:
+            return record
+        save_checkpoint(self.run_dir / CHECKPOINT, self.payload(rank_states))
         # After the checkpoint: a crash in between is repaired by restore(), which rewrites
         # metrics.jsonl from the checkpoint's own list.
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as handle:
             handle.write(_json_line(record))
         return record
 
-    def payload(self) -> dict[str, Any]:
+    def _rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's own random streams and fingerprint (a collective); refuses ranks that drifted apart."""
+        from fracfx.runtime.distributed import check_fingerprints, fingerprint, rounding_state
+
+        precision = self.method.precision()
+        schedule = {"bits": [precision.act, precision.weight, precision.grad], "stage": precision.stage,
+                    "turning_points": list(precision.turning_points)}
+        mine = {"rng": rng_state(), "rounding": rounding_state(self.model),
+                "fingerprint": fingerprint(self.model, self.iteration, schedule)}
+        states = self.ranks.gather(mine)
+        check_fingerprints([s["fingerprint"] for s in states])
+        return states
+
+    def payload(self, rank_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         per_epoch = self.plan.batches_per_epoch
-        return {
+        payload = {
             "kind": RUN_KIND, "finished": self.finished, "iteration": self.iteration,
             "config": self.config.to_dict(), "plan": dataclasses.asdict(self.plan),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -832,6 +972,9 @@ class _Session:
             "metrics": self.metrics, "accumulators": dict(self.window), "elapsed_s": self.elapsed(),
             "dataset": self.info.to_dict(),
         }
+        if rank_states is not None:  # data-parallel: each rank's streams, to resume every rank exactly
+            payload["distributed"] = {"world_size": len(rank_states), "ranks": rank_states}
+        return payload
 
     def restore(self, state: dict[str, Any]) -> None:
         if _plain(state["plan"]) != _plain(dataclasses.asdict(self.plan)):
@@ -839,17 +982,33 @@ class _Session:
                 f"the checkpoint was planned as {state['plan']} but this data gives {dataclasses.asdict(self.plan)}; "
                 "resume with the same dataset, subset and batch size"
             )
+        saved_world = state.get("distributed", {}).get("world_size", 1)
+        world = 1 if self.ranks is None else self.ranks.world_size
+        if saved_world != world:
+            launch = "plain `fracfx train`" if saved_world == 1 else f"torchrun with {saved_world} processes in total"
+            raise CheckpointError(
+                f"this checkpoint was written by a run of {saved_world} process(es) but this run has {world}; "
+                f"resume it with {launch} (each rank's random streams are part of the checkpoint)"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.method.load_state_dict(state["method"])
         self.meter.load_state_dict(state["cost"])
         set_rng_state(state["rng"])
+        if self.ranks is not None:
+            from fracfx.runtime.distributed import set_rounding_state
+
+            mine = state["distributed"]["ranks"][self.ranks.rank]
+            set_rng_state(mine["rng"])
+            set_rounding_state(self.model, mine["rounding"])
         self.iteration, self.metrics = int(state["iteration"]), list(state["metrics"])
+        self.checkpoint_iteration = self.iteration
         self.window = dict(state["accumulators"])
         self._elapsed_before, self._started = float(state.get("elapsed_s", 0.0)), time.perf_counter()
         # Lines written after the checkpoint belong to iterations that will be redone.
-        _write_atomic(self.run_dir / METRICS, "".join(_json_line(m) for m in self.metrics))
+        if self.is_main:
+            _write_atomic(self.run_dir / METRICS, "".join(_json_line(m) for m in self.metrics))
 
 
 def _plain(value):

@@ -126,7 +126,7 @@ class DFQMethod(Method):
         kwargs = {} if c.keep_fp32 is None else {"keep_fp32": c.keep_fp32}
         return DFQConfig(
             weight_bits=c.weight_bits, candidates=parse_candidates(self.option("candidates")),
-            ungated_act_bits=c.act_bits, ungated_grad_bits=c.grad_bits, **kwargs,
+            ungated_act_bits=c.act_bits, ungated_grad_bits=c.grad_bits, stochastic_grad=c.stochastic_grad, **kwargs,
         )
 
     def make_scheduler(self):
@@ -140,6 +140,7 @@ class DFQMethod(Method):
         seed_rounding(self.model, self.config.seed)
         self.controller = DFQController(
             self.model, target_ratio=self.option("target_ratio"), beta=self.option("beta"), relax=self.option("relax"),
+            reduce=self.ranks,
         )
         self.scheduler = self.make_scheduler()
         self.cost_model = self.model
@@ -224,13 +225,18 @@ class DFQMethod(Method):
         t["chunk"] = _fresh_mean()
 
     def _batch_bits(self) -> list[float]:
-        """MAC-weighted mean (a, w, g) over the gated ops and the samples of the last forward."""
+        """MAC-weighted mean (a, w, g) over the gated ops and the samples of the last forward (data-parallel: the global batch)."""
         total = [0.0, 0.0, 0.0]
         batch = 0
-        for block, sums in zip(self.controller.blocks, self._bit_sums):
-            choice = block.choice.last_choice
-            batch = len(choice)
-            for k, n in enumerate(torch.bincount(choice, minlength=len(self.labels)).tolist()):
+        global_counts = self.controller.last_counts if self.ranks is not None else None
+        for index, (block, sums) in enumerate(zip(self.controller.blocks, self._bit_sums)):
+            if global_counts is None:
+                choice = block.choice.last_choice
+                batch, counts = len(choice), torch.bincount(choice, minlength=len(self.labels)).tolist()
+            else:
+                counts = global_counts[index]
+                batch = sum(counts)
+            for k, n in enumerate(counts):
                 if n:
                     total = [s + n * v for s, v in zip(total, sums[k])]
         denominator = batch * self.controller.total_macs
@@ -239,6 +245,16 @@ class DFQMethod(Method):
     def after_step(self, loss: float) -> None:
         if self.scheduler is not None:
             self.scheduler.step(loss)
+
+    def synchronize(self) -> None:
+        """The evaluation's gate choices summed over the ranks' test shards; FracTrain's open window over ranks."""
+        names = list(self.track["eval_usage"])
+        flat = [n for name in names for n in self.track["eval_usage"][name]]
+        total = [round(n) for n in self.ranks.sum(flat)]
+        k = len(self.labels)
+        self.track["eval_usage"] = {name: total[i * k:(i + 1) * k] for i, name in enumerate(names)}
+        if self.scheduler is not None:
+            self.scheduler.tracker.sync()
 
     def after_evaluate(self) -> None:
         t = self.track
@@ -351,5 +367,5 @@ class FracTrainMethod(DFQMethod):
         c = self.config
         return FracTrainScheduler(
             self.controller, target_ratio_step=self.option("target_ratio_step"), window=self.plan.window,
-            num_turning_point=c.num_turning_point, initial_threshold=c.initial_threshold, decay=c.decay,
+            num_turning_point=c.num_turning_point, initial_threshold=c.initial_threshold, decay=c.decay, reduce=self.ranks,
         )

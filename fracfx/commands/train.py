@@ -6,6 +6,7 @@ live in fracfx.train.TrainConfig, so a resumed run can tell which flags were giv
 
     fracfx train --method pfq --arch cifar_resnet38 --epochs 3 --save_folder runs/pfq
     fracfx train --resume runs/pfq          # continue exactly where the checkpoint left off
+    torchrun --nproc_per_node 2 -m fracfx train --method pfq --save_folder runs/pfq2   # DDP, see README
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def register(subparsers) -> None:
     _flag(pfq, "decay", type=float, help=f"eps multiplier at the 1st and 2nd turning points (default {d.decay}; CIFAR scripts 0.4)")
     _flag(pfq, "window", type=int, help="iterations per indicator window (default: iterations / 30, FRACTRAIN.md section 9)")
     _flag(parser, "keep_fp32", nargs="*", metavar="GLOB", help="module globs, @first, @last kept in FP32; no value = quantize all (default @last)")
+    parser.add_argument("--no_stochastic_grad", "--no-stochastic-grad", dest="stochastic_grad", action="store_const", const=False,
+                        default=None, help="round gradients to nearest instead of stochastically (deterministic; for comparisons)")
+    ddp = parser.add_argument_group("data parallel (run under torchrun; --batch_size is the global batch)")
+    ddp.add_argument("--sync_bn", "--sync-bn", action="store_const", const=True, default=None,
+                     help="BatchNorm batch statistics over all ranks (as one process on the global batch)")
+    ddp.add_argument("--sync_ranges", "--sync-ranges", action="store_const", const=True, default=None,
+                     help="quantizer min/max ranges (activations, gradients) over all ranks")
     added: set[str] = set()
     for name, method in methods.items():
         fresh = [o for o in method.options if o.name not in added]
@@ -107,10 +115,11 @@ def register(subparsers) -> None:
                      help="without the live bar, print a progress line every ITERS iterations (default: only at evaluations)")
     # Hidden, for the resume tests: SIGKILL this process right after iteration N (no cleanup at all).
     parser.add_argument("--crash_after", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--crash_rank", type=int, default=0, help=argparse.SUPPRESS)  # under torchrun: which rank, first attempt only
     parser.set_defaults(func=run_train)
 
 
-_NOT_CONFIG = {"command", "func", "resume", "threads", "no_progress", "log_every", "crash_after"}
+_NOT_CONFIG = {"command", "func", "resume", "threads", "no_progress", "log_every", "crash_after", "crash_rank"}
 
 
 def config_from_args(args):
@@ -166,7 +175,7 @@ def run_train(args) -> int:
         config = TrainConfig()
     try:
         train(config, resume=args.resume, progress=False if args.no_progress else None, log_every=args.log_every,
-              crash_after=args.crash_after)
+              crash_after=args.crash_after, crash_rank=args.crash_rank)
     except KeyboardInterrupt:
         import sys
 
