@@ -1,4 +1,4 @@
-"""`fracfx bench step|transform`: speed ratios against a baseline measured in the same run."""
+"""`fracfx bench step|transform|ddp`: speed ratios against a baseline measured in the same run."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ def register(subparsers) -> None:
     trans.add_argument("--arch", default="resnet50")
     trans.add_argument("--repeats", type=int, default=5)
     trans.set_defaults(func=run_transform)
+    ddp = sub.add_parser("ddp", help="images/s of `fracfx train` in 1 process vs N data-parallel processes (torchrun, gloo on 127.0.0.1)")
+    ddp.add_argument("--arch", default="cifar_resnet20")
+    ddp.add_argument("--method", default="static", help="training method (default static 8/8/8)")
+    ddp.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes (default 64)")
+    ddp.add_argument("--processes", type=int, default=2, help="the data-parallel run's process count (default 2)")
+    ddp.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ddp.add_argument("--iters", type=int, default=15, help="timed training steps per run (default 15)")
+    ddp.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    ddp.add_argument("--repeats", type=int, default=2, help="runs of each, alternating 1, N, 1, N, ...; medians reported (default 2)")
+    ddp.add_argument("--sync-bn", action="store_true", help="time the data-parallel run with --sync_bn --sync_ranges")
+    ddp.add_argument("--timeout", type=float, default=600.0, help="seconds before a launch is given up (default 600)")
+    ddp.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run as a torchrun worker, JSON to this path
+    ddp.set_defaults(func=run_ddp)
 
 
 def _parse_bits(text: str) -> tuple[int, int, int]:
@@ -90,4 +103,69 @@ def run_transform(args) -> int:
         fracfx.transform(model)
         times.append(time.perf_counter() - start)
     print(f"fracfx.transform({args.arch}): median {statistics.median(times):.3f} s over {args.repeats} runs (min {min(times):.3f}, max {max(times):.3f})")
+    return 0
+
+
+def _ddp_config(args):
+    from fracfx.train import TrainConfig
+
+    steps = args.warmup + args.iters
+    return TrainConfig(method=args.method, arch=args.arch, batch_size=args.batch_size, iters=steps, train_subset=args.batch_size * steps,
+                       test_subset=args.batch_size, sync_bn=args.sync_bn, sync_ranges=args.sync_bn)
+
+
+def _ddp_launch(args, processes: int, output: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fracfx.bench import free_port
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "fracfx", "bench", "ddp", "--worker", output]
+    for flag in ("arch", "method", "batch_size", "threads", "iters", "warmup"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    command += ["--sync-bn"] if args.sync_bn else []
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        from fracfx.errors import DistributedError
+
+        raise DistributedError(f"the {processes}-process benchmark run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    with open(output, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def run_ddp(args) -> int:
+    import json
+    import tempfile
+
+    if args.worker is not None:  # inside torchrun: every rank times, rank 0 reports
+        from fracfx.bench import data_parallel_throughput
+
+        torch.set_num_threads(args.threads)
+        result = data_parallel_throughput(_ddp_config(args), warmup=args.warmup, iters=args.iters)
+        if result["rank"] == 0:
+            with open(args.worker, "w", encoding="utf-8") as handle:
+                json.dump(result, handle)
+        return 0
+    _ddp_config(args)  # validates the flags before anything is launched
+    runs: dict[int, list[dict]] = {1: [], args.processes: []}
+    with tempfile.TemporaryDirectory() as folder:
+        for repeat in range(args.repeats):
+            for processes in runs:
+                runs[processes].append(_ddp_launch(args, processes, f"{folder}/{processes}-{repeat}.json"))
+    medians = {n: statistics.median(r["images_per_s"] for r in results) for n, results in runs.items()}
+    sync = ", --sync_bn --sync_ranges" if args.sync_bn else ""
+    table = Table(title=f"fracfx train --method {args.method} --arch {args.arch}, global batch {args.batch_size}, "
+                        f"{args.threads} thread(s) per process, {args.iters} timed steps{sync}, gloo on 127.0.0.1 ({args.repeats} runs each)")
+    for col in ("processes", "images/s (median)", "runs", "vs 1 process"):
+        table.add_column(col, justify="right")
+    for n, results in runs.items():
+        table.add_row(str(n), f"{medians[n]:.1f}", ", ".join(f"{r['images_per_s']:.1f}" for r in results), f"{medians[n] / medians[1]:.2f}x")
+    console = Console()
+    console.print(table)
+    console.print(f"1 process: {medians[1]:.1f} images/s   {args.processes} processes: {medians[args.processes]:.1f} images/s   "
+                  f"ratio {medians[args.processes] / medians[1]:.2f}x")
     return 0
