@@ -41,18 +41,20 @@ def test_set_accuracy(
     batch_size: int = 256, levels=LEVELS, threads: int | None = None,
 ) -> TestSetAccuracy:
     """Accuracies of the run's trained model, its fixed-precision model and `onnx_path` on the test set."""
-    from fracfx.data import build_loaders
+    from fracfx.errors import ExportError
     from fracfx.export import freeze
-    from fracfx.train import evaluate, load_trained, model_from_checkpoint
+    from fracfx.train import evaluate, fixed_precision_model, load_trained, task_for
     from fracfx.verify import dataset_accuracy
 
     loaded = load_trained(run)
     config = loaded.config
-    _, loader, _ = build_loaders(config.dataset, datadir=config.datadir, batch_size=batch_size, seed=config.seed, test_subset=test_subset)
+    task = task_for(config)
+    if task.metric != "acc":
+        raise ExportError(f"{run} is a {config.dataset} language-model run: test-set top-1 is for image classifiers; export it without --test-accuracy")
+    _, loader, _ = task.build_loaders(config.dataset, datadir=config.datadir, batch_size=batch_size, seed=config.seed, test_subset=test_subset)
     cpu = torch.device("cpu")
     _, trained = evaluate(loaded.model, loader, cpu)
-    fixed, _ = model_from_checkpoint(run)
-    _, fixed_acc = evaluate(freeze(fixed), loader, cpu)
+    _, fixed_acc = evaluate(freeze(fixed_precision_model(loaded)), loader, cpu)
     threads = threads or torch.get_num_threads()
     onnx, samples = {}, 0
     for level in levels:

@@ -627,13 +627,18 @@ def load_trained(path: str | os.PathLike) -> TrainedCheckpoint:
 
 
 def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, torch.Tensor]:
-    """(fixed-precision GraphModule, example input) of a training checkpoint, for fracfx export.
+    """(fixed-precision GraphModule, example input) of a training checkpoint, for fracfx export."""
+    loaded = load_trained(path)
+    return fixed_precision_model(loaded), loaded.example_input
+
+
+def fixed_precision_model(loaded: TrainedCheckpoint) -> nn.Module:
+    """The GraphModule `fracfx export` writes for a loaded checkpoint, in eval mode.
 
     Quantized runs give their transformed model at the bits in force at the checkpoint; DFQ and
     FracTrain runs give it with every gated block pinned at its most used candidate (see
     fracfx.train_dfq); an FP32 run gives its float model traced with 0-bit (FP32) quantizers.
     """
-    loaded = load_trained(path)
     from torch import fx
 
     gm = loaded.method.export_model()
@@ -642,7 +647,7 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, torch.Ten
         from fracfx.config import QuantConfig
 
         gm = transform(gm, QuantConfig(act_bits=0, weight_bits=0, grad_bits=0, keep_fp32=()), example_inputs=loaded.example_input)
-    return gm.eval(), loaded.example_input
+    return gm.eval()
 
 
 # ---------------------------------------------------------------------------------------------
