@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+from fracfx import _moved
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -22,7 +24,7 @@ _EXPORTS = {
     # training, data and checkpoints (fracfx.train, fracfx.data, fracfx.runtime.checkpoint)
     "TrainConfig": "fracfx.train",
     "build_loaders": "fracfx.data",
-    "build_text_loaders": "fracfx.text_data",
+    "build_text_loaders": "fracfx.data.text",
     "save_checkpoint": "fracfx.runtime.checkpoint",
     "load_checkpoint": "fracfx.runtime.checkpoint",
     # configs
@@ -38,8 +40,10 @@ _EXPORTS = {
     "ExportError": "fracfx.errors",
 }
 
-_SUBMODULES = ("passes", "runtime", "models", "export", "verify", "train", "data", "text_data")
+_SUBMODULES = ("passes", "runtime", "models", "nn", "export", "train", "data", "cli", "bench")
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+_moved.install()
 
 
 def __getattr__(name: str):

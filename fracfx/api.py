@@ -13,7 +13,7 @@ from fracfx.bits import check_bits
 from fracfx.config import DFQConfig, QuantConfig
 from fracfx.errors import ConfigError
 from fracfx.meta import TRACE_LEAVES, compute_nodes, get_quant_spec
-from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
 from fracfx.passes.analyze_cost import CostReport, analyze_cost
 from fracfx.passes.annotate_blocks import annotate_blocks
 from fracfx.passes.annotate_cost import annotate_cost

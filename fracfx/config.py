@@ -88,7 +88,7 @@ class QuantConfig(_Config):
     final classifier in FP32, as the paper does; `keep_fp32=()` quantizes every supported op.
 
     integer_zero_point: train on the grid ONNX can express (lo = -zp * s with an integer zp, see
-    fracfx.quant.integer_grid) instead of FRACTRAIN.md's real-valued lo, so that the exported
+    fracfx.nn.quant.integer_grid) instead of FRACTRAIN.md's real-valued lo, so that the exported
     model computes what was trained (export otherwise nudges lo by up to half a step).
     """
 
@@ -128,7 +128,7 @@ class QuantConfig(_Config):
 
 SKIP = "skip"  # DFQ candidate: the block's output is its shortcut (cost 0)
 FP32_CANDIDATE = "fp32"  # DFQ candidate: the block's ops run unquantized, weights included (cost 1)
-EMBED_LAYOUTS = ("auto", "channels_first", "tokens")  # DFQConfig.embed_layout (see fracfx/gates.py)
+EMBED_LAYOUTS = ("auto", "channels_first", "tokens")  # DFQConfig.embed_layout (see fracfx/nn/gates.py)
 CIFAR_CANDIDATES = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
 IMAGENET_CANDIDATES = ((3, 6), (4, 8), (6, 12), (8, 16))
 
@@ -173,7 +173,7 @@ class DFQConfig(_Config):
     mean over tokens for token activations (B, T, C); hidden: the shared LSTM's hidden size.
     embed_layout: "auto" reads each block input where the block's first conv/linear/matmul reads
     its features (a conv: channels at dim 1; a linear or matmul: the last dim, tokens before it);
-    "channels_first" or "tokens" force one layout for every block (see fracfx/gates.py).
+    "channels_first" or "tokens" force one layout for every block (see fracfx/nn/gates.py).
     """
 
     KIND: ClassVar[str] = "dfq"

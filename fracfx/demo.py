@@ -40,8 +40,8 @@ def run_demo(
     from rich.console import Console
 
     from fracfx.export import export_onnx
-    from fracfx.report import plot_runs
-    from fracfx.test_accuracy import test_set_accuracy
+    from fracfx.train.report import plot_runs
+    from fracfx.export.accuracy import run_accuracy
     from fracfx.train import TrainConfig, model_from_checkpoint, train
 
     console = console or Console()
@@ -70,7 +70,7 @@ def run_demo(
         console.print(f"  {int4.lines()[0]}; export contract {'met' if int4.verify.ok else 'NOT MET'}")
 
     console.rule("3/4 accuracy on the Fashion-MNIST test set: trained, fixed precision, onnxruntime")
-    accuracy = test_set_accuracy(result.run_dir, int8_path, test_subset=test_subset, batch_size=max(batch_size, 256))
+    accuracy = run_accuracy(result.run_dir, int8_path, test_subset=test_subset, batch_size=max(batch_size, 256))
     for line in accuracy.lines():
         console.print(f"  {line}")
 

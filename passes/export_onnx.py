@@ -28,7 +28,7 @@ from onnx import version_converter
 from torch import nn
 
 from fracfx.errors import ExportError
-from fracfx.frozen import FROZEN_TYPES, FrozenActQuant, FrozenWeight
+from fracfx.nn.frozen import FROZEN_TYPES, FrozenActQuant, FrozenWeight
 from fracfx.passes.freeze_precision import is_frozen
 from fracfx.passes.infra import copy_graph, rebuild
 from fracfx.passes.onnx_qdq import ACT_OP, DOMAIN, WEIGHT_OP, lower_markers, strip_markers

@@ -4,9 +4,9 @@
     WeightQuant(get_attr W)   -> FrozenWeight()      pre-quantized integer codes per channel
     GradQuant(y)              -> y                   removed: a frozen model has no backward
 
-The result is exactly what the exported ONNX computes (see fracfx.frozen): activations use the
+The result is exactly what the exported ONNX computes (see fracfx.nn.frozen): activations use the
 running ranges (eval semantics), the grid offset lo is moved onto an integer zero point
-(fracfx.frozen.integer_grid), weights are quantized once from the FP32 master weights.
+(fracfx.nn.frozen.integer_grid), weights are quantized once from the FP32 master weights.
 
 Inserted nodes are dispatched on their Inserted.role through FREEZERS. Nodes that are no longer
 used afterwards (a DFQ gate subgraph whose masks fed only quantizers) are removed as dead code;
@@ -31,11 +31,11 @@ from torch import nn
 
 from fracfx.bits import FP32, check_bits
 from fracfx.errors import ExportError, FracfxError
-from fracfx.frozen import FrozenActQuant, FrozenWeight, integer_grid, quantize_codes
+from fracfx.nn.frozen import FrozenActQuant, FrozenWeight, integer_grid, quantize_codes
 from fracfx.meta import FROZEN, FrozenQuant, get_inserted
-from fracfx.modules import QUANTIZER_TYPES
+from fracfx.nn.quantizers import QUANTIZER_TYPES
 from fracfx.passes.infra import copy_graph, rebuild
-from fracfx.quant import channel_range, qmax_of, scale_of
+from fracfx.nn.quant import channel_range, qmax_of, scale_of
 
 
 @dataclasses.dataclass

@@ -34,9 +34,9 @@ import torch.fx as fx
 from torch import nn
 
 from fracfx.config import EMBED_LAYOUTS
-from fracfx.dfq_modules import FP32Rows, MixedActQuant, MixedGradQuant, SkipMix
+from fracfx.nn.mixed import FP32Rows, MixedActQuant, MixedGradQuant, SkipMix
 from fracfx.errors import ConfigError, PassError, UnsupportedGraphError
-from fracfx.gates import CandidateTable, GateChoice, gate_embedding
+from fracfx.nn.gates import CandidateTable, GateChoice, gate_embedding
 from fracfx.meta import Inserted, get_binding, get_block, get_block_ports, get_quant_spec, set_block, set_inserted
 from fracfx.passes.infra import copy_graph, rebuild
 

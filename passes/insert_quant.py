@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fracfx.meta import Inserted, QuantBinding, get_quant_spec, set_binding, set_inserted
-from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
 from fracfx.passes.infra import copy_graph, rebuild
 
 QUANT_ROOT = "fracfx_quant"

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fracfx.frozen import FrozenActQuant, FrozenAffine, FrozenWeight
+from fracfx.nn.frozen import FrozenActQuant, FrozenAffine, FrozenWeight
 from fracfx.meta import get_binding, get_quant_spec
 from fracfx.passes.infra import copy_graph, rebuild
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fracfx.frozen import FrozenActQuant, FrozenWeight
+from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
 
 DOMAIN = "fracfx"
 ACT_OP = "Act"

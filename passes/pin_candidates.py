@@ -28,11 +28,11 @@ import torch.fx as fx
 from torch import nn
 
 from fracfx.config import FP32_CANDIDATE, SKIP
-from fracfx.dfq_modules import MixedActQuant, MixedGradQuant
+from fracfx.nn.mixed import MixedActQuant, MixedGradQuant
 from fracfx.errors import ConfigError, PassError
-from fracfx.gates import CandidateTable, GateChoice
+from fracfx.nn.gates import CandidateTable, GateChoice
 from fracfx.meta import get_binding, get_block, get_inserted
-from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
 from fracfx.passes.infra import copy_graph, rebuild
 
 

@@ -3,7 +3,7 @@
 torch.fx keeps torch.nn modules as leaves, so every nn.MultiheadAttention (and every
 nn.TransformerEncoderLayer / nn.TransformerEncoder, which wrap one and may take a fused fast
 path) is one opaque call_module node that annotate_quant can only report as unsupported. This
-pass replaces each such node, in place, with the ops of fracfx.attention.multi_head_attention
+pass replaces each such node, in place, with the ops of fracfx.nn.attention.multi_head_attention
 (and the layer's norms, feed-forward and residual adds around it):
 
     F.linear x3 (Q, K, V) -> torch.matmul (QK^T) -> softmax -> Dropout -> torch.matmul (AV) -> F.linear
@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import torch.fx as fx
 from torch import nn
 
-from fracfx.attention import multi_head_attention
+from fracfx.nn.attention import multi_head_attention
 from fracfx.errors import UnsupportedGraphError
 from fracfx.passes.infra import copy_graph, rebuild
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from fracfx.bits import check_bits, cost_bits
 from fracfx.errors import ConfigError
-from fracfx.modules import QUANTIZER_TYPES
+from fracfx.nn.quantizers import QUANTIZER_TYPES
 from fracfx.runtime.plateau import STATE_VERSION
 
 FP32_BITOPS = 32 * 32

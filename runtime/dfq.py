@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from fracfx.errors import ConfigError
-from fracfx.gates import FP32_BITOPS, GateChoice, choice_of
+from fracfx.nn.gates import FP32_BITOPS, GateChoice, choice_of
 from fracfx.meta import get_binding, get_block, get_inserted, get_op_cost
 from fracfx.runtime.plateau import STATE_VERSION, PlateauIndicator, PlateauTracker, _check_settings
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from fracfx.bits import cost_bits
 from fracfx.errors import ConfigError
-from fracfx.gates import FP32_BITOPS, choice_of
+from fracfx.nn.gates import FP32_BITOPS, choice_of
 from fracfx.meta import get_binding, get_block, get_inserted, get_op_cost, get_quant_spec
 from fracfx.runtime.dfq import DFQController
 from fracfx.runtime.plateau import STATE_VERSION

@@ -243,13 +243,13 @@ def data_parallel(model: nn.Module, ranks: RankContext, *, sync_bn: bool = False
 
 def rounding_state(model: nn.Module) -> dict[str, Any]:
     """Every stochastic-rounding generator's state (per rank: each rank rounds with its own stream)."""
-    from fracfx.modules import GradQuant
+    from fracfx.nn.quantizers import GradQuant
 
     return {name: module.get_extra_state() for name, module in model.named_modules() if isinstance(module, GradQuant)}
 
 
 def set_rounding_state(model: nn.Module, state: Mapping[str, Any]) -> None:
-    from fracfx.modules import GradQuant
+    from fracfx.nn.quantizers import GradQuant
 
     modules = {name: module for name, module in model.named_modules() if isinstance(module, GradQuant)}
     if set(modules) != set(state):

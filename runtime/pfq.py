@@ -20,7 +20,7 @@ from torch import nn
 
 from fracfx.bits import MAX_BITS, check_bits
 from fracfx.errors import ConfigError
-from fracfx.modules import QUANTIZER_TYPES
+from fracfx.nn.quantizers import QUANTIZER_TYPES
 from fracfx.runtime.plateau import STATE_VERSION, PlateauIndicator, PlateauTracker, _check_settings
 
 

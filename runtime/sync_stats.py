@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fracfx.dfq_modules import MixedActQuant
-from fracfx.modules import ActQuant, GradQuant
+from fracfx.nn.mixed import MixedActQuant
+from fracfx.nn.quantizers import ActQuant, GradQuant
 
 
 class _CrossRankBatchNormFn(torch.autograd.Function):
@@ -140,7 +140,7 @@ class RangeSync:
         self.ranks = ranks
 
     def tensor_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lo, R) of x over all ranks: what fracfx.quant.tensor_range gives on the global batch."""
+        """(lo, R) of x over all ranks: what fracfx.nn.quant.tensor_range gives on the global batch."""
         lo, hi = torch.aminmax(x.detach())
         both = self.ranks.min_(torch.stack([lo, -hi]))
         lo, hi = both[0], -both[1]

@@ -31,7 +31,7 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = n_heads
         self.scale = 1.0 / math.sqrt(d_model // n_heads)
         self.norm = nn.LayerNorm(d_model)
-        # separate Q/K/V layers: each gets its own quantizers (see fracfx/attention.py)
+        # separate Q/K/V layers: each gets its own quantizers (see fracfx/nn/attention.py)
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)

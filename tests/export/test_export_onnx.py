@@ -13,7 +13,7 @@ from onnx import TensorProto, numpy_helper
 import fracfx
 from fracfx.errors import ExportError
 from fracfx.export import describe_onnx, export_onnx, freeze
-from fracfx.verify import compare, session, verify_onnx
+from fracfx.export.verify import compare, session, verify_onnx
 from tests.export.helpers import TinyResNet, TokenMixer, calibrated, inputs, settle_batchnorm
 
 SHAPE = (3, 16, 16)

@@ -9,9 +9,9 @@ import torch
 import fracfx
 from fracfx.errors import ExportError
 from fracfx.export import freeze, freeze_deviation
-from fracfx.frozen import FrozenActQuant, FrozenAffine, FrozenWeight, integer_grid, quantize_codes
+from fracfx.nn.frozen import FrozenActQuant, FrozenAffine, FrozenWeight, integer_grid, quantize_codes
 from fracfx.meta import FROZEN, Inserted, set_inserted
-from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
 from fracfx.passes.integer_arithmetic import partial_sum_bound
 from tests.export.helpers import TinyResNet, calibrated, inputs, settle_batchnorm
 
@@ -74,7 +74,7 @@ def test_frozen_act_is_the_onnx_formula():
     expected = (np.clip(np.round(x.numpy() / np.float32(0.37)) + 2, 0, 7) - 2) * np.float32(0.37)
     assert np.array_equal(module(x).numpy(), expected.astype(np.float32))
     weight = torch.randn(4, 3, 3, 3)
-    scale, zp, _ = integer_grid(*fracfx.quant.channel_range(weight), 4)
+    scale, zp, _ = integer_grid(*fracfx.nn.quant.channel_range(weight), 4)
     codes = quantize_codes(weight, scale, zp, 4)
     assert codes.min() >= 0 and codes.max() <= 15
     dequantized = FrozenWeight(4, codes, scale, zp)()

@@ -16,7 +16,7 @@ from torch import nn
 
 import fracfx
 from fracfx.export import export_onnx, freeze
-from fracfx.verify import verify_onnx
+from fracfx.export.verify import verify_onnx
 from tests.export.helpers import calibrated, inputs
 
 SHAPE = (3, 12, 12)

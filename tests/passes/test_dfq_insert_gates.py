@@ -8,9 +8,9 @@ from torch import nn
 
 import fracfx
 from fracfx.config import CIFAR_CANDIDATES
-from fracfx.dfq_modules import MixedActQuant, MixedGradQuant
+from fracfx.nn.mixed import MixedActQuant, MixedGradQuant
 from fracfx.errors import ConfigError
-from fracfx.gates import GateChoice
+from fracfx.nn.gates import GateChoice
 from fracfx.meta import get_binding, get_block, get_quant_spec
 from fracfx.models.cifar_resnet import cifar_resnet20
 

@@ -11,9 +11,9 @@ from torch import nn
 
 import fracfx
 from fracfx.config import CIFAR_CANDIDATES, IMAGENET_CANDIDATES
-from fracfx.dfq_modules import MixedActQuant, MixedGradQuant
+from fracfx.nn.mixed import MixedActQuant, MixedGradQuant
 from fracfx.errors import ConfigError, UnsupportedGraphError
-from fracfx.gates import GateChoice, GateEmbedding, TokenGateEmbedding
+from fracfx.nn.gates import GateChoice, GateEmbedding, TokenGateEmbedding
 from fracfx.meta import get_binding, get_block, get_block_ports, get_quant_spec
 from fracfx.models.cifar_resnet import cifar_resnet20
 from fracfx.models.transformer_lm import transformer_lm

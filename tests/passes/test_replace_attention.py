@@ -1,4 +1,4 @@
-"""replace_attention and fracfx.attention: same function as nn.MultiheadAttention, opened into quantizable ops."""
+"""replace_attention and fracfx.nn.attention: same function as nn.MultiheadAttention, opened into quantizable ops."""
 
 import itertools
 import operator
@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 
 import fracfx
-from fracfx.attention import Attention
+from fracfx.nn.attention import Attention
 from fracfx.errors import UnsupportedGraphError
-from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
 from fracfx.passes import capture_graph
 from fracfx.passes.replace_attention import replace_attention
 

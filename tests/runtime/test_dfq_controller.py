@@ -9,7 +9,7 @@ from torch import nn
 import fracfx
 from fracfx.config import CIFAR_CANDIDATES, IMAGENET_CANDIDATES
 from fracfx.errors import ConfigError
-from fracfx.gates import GateChoice
+from fracfx.nn.gates import GateChoice
 from fracfx.models.cifar_resnet import cifar_resnet20
 from fracfx.runtime import DFQController, FracTrainScheduler
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import fracfx
 from fracfx.errors import ConfigError
-from fracfx.modules import ActQuant, GradQuant, WeightQuant
+from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
 from fracfx.runtime import PFQScheduler
 from tests.runtime.loss_scripts import EXPECTED_THRESHOLDS, EXPECTED_TURNING_WINDOWS, SCRIPT
 

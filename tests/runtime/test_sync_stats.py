@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from fracfx.bench import free_port
+from fracfx.bench.timing import free_port
 from tests.runtime.thread_ranks import run_ranks
 
 TIMEOUT_S = 120
@@ -69,9 +69,9 @@ def _ref_out(x, reference):
 
 
 def _check_quantizers(ranks, rank: int) -> dict:
-    from fracfx.dfq_modules import MixedActQuant, MixedGradQuant
-    from fracfx.gates import CandidateTable
-    from fracfx.modules import ActQuant, GradQuant
+    from fracfx.nn.mixed import MixedActQuant, MixedGradQuant
+    from fracfx.nn.gates import CandidateTable
+    from fracfx.nn.quantizers import ActQuant, GradQuant
     from fracfx.runtime.sync_stats import sync_quantizer_ranges
 
     g = torch.Generator().manual_seed(1)
