@@ -184,7 +184,7 @@ def seed_for_rank(seed: int, rank: int) -> int:
     """
     if rank == 0:
         return seed
-    from fracfx.data import mix_seed
+    from fracfx.seeding import mix_seed
 
     return mix_seed(seed, 0xD15, rank) % (1 << 31)
 
