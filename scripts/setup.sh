@@ -16,8 +16,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# Reinstall when anything is missing, torch is another version, or fracfx (and its passes and
+# runtime packages) resolve to another checkout than this one: an editable install points at one
+# folder, and a fresh clone elsewhere must test its own code.
+here=$(pwd -P)
 if ! python -c "import fracfx, torch, torchvision, onnxruntime, pytest" >/dev/null 2>&1 \
-   || [ "$(python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "2.14.1" ]; then
+   || [ "$(python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "2.14.1" ] \
+   || [ "$(cd / && python -c 'import os, fracfx.passes; print(os.path.dirname(os.path.dirname(os.path.realpath(fracfx.passes.__file__))))' 2>/dev/null)" != "$here" ]; then
     echo "setup: installing fracfx (editable) with torch==2.14.1, torchvision==0.29.1 and the test extra"
     python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
     python -m pip install -q -e ".[test]"
