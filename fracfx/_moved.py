@@ -33,6 +33,7 @@ MOVED = {
     "fracfx.train_dfq": "fracfx.train.dfq",
     "fracfx.train_text": "fracfx.train.text",
     "fracfx.report": "fracfx.train.report",
+    "fracfx.passes.analyze_cost": "fracfx.cost_model",
 }
 
 

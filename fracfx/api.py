@@ -1,4 +1,8 @@
-"""The public pipelines: straight lines of named passes."""
+"""The public pipelines: straight lines of named passes.
+
+set_bits and seed_rounding live in fracfx.nn.precision, the cost model in fracfx.cost_model (leaves
+the runtime uses too); they are re-exported here as the public fracfx.set_bits, fracfx.cost_report.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fracfx.bits import check_bits
 from fracfx.config import DFQConfig, QuantConfig
+from fracfx.cost_model import CostReport, analyze_cost
 from fracfx.errors import ConfigError
 from fracfx.meta import TRACE_LEAVES, compute_nodes, get_quant_spec
-from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
-from fracfx.passes.analyze_cost import CostReport, analyze_cost
+from fracfx.nn.precision import seed_rounding, set_bits
 from fracfx.passes.annotate_blocks import annotate_blocks
 from fracfx.passes.annotate_cost import annotate_cost
 from fracfx.passes.annotate_quant import annotate_quant
@@ -82,26 +85,12 @@ def transform(
     return run_pipeline(model, steps)
 
 
-def set_bits(gm: nn.Module, act_bits: int | None = None, weight_bits: int | None = None, grad_bits: int | None = None) -> None:
-    """Set every quantizer of one kind at once. None leaves that kind as it is; 0 means FP32."""
-    for kind, bits in ((ActQuant, act_bits), (WeightQuant, weight_bits), (GradQuant, grad_bits)):
-        if bits is None:
-            continue
-        bits = check_bits(bits, f"{kind.__name__} bits")
-        for module in gm.modules():
-            if type(module) is kind:
-                module.set_bits(bits)
+__all__ = ["transform", "set_bits", "seed_rounding", "cost_report", "fp32_report", "Fp32Op", "CostReport"]
 
 
 def cost_report(gm: fx.GraphModule) -> CostReport:
     """Per-op and total MACs, bit-ops and effective MACs at the bits now in force."""
     return analyze_cost(gm)
-
-
-def seed_rounding(gm: nn.Module, seed: int) -> None:
-    """Seed every stochastic-rounding generator (each gets a distinct stream derived from seed)."""
-    for index, module in enumerate(m for m in gm.modules() if isinstance(m, GradQuant)):
-        module.seed(seed * 1_000_003 + index)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 
 from fracfx.bits import check_bits
 from fracfx.errors import ConfigError
+from fracfx.meta import QUANTIZABLE_KINDS
 
 CONFIG_VERSION = 1
-QUANTIZABLE_KINDS = ("conv", "linear", "matmul")
 FIRST_LAYER = "@first"  # keep_fp32 shortcut: the first quantizable op in execution order
 LAST_LAYER = "@last"  # keep_fp32 shortcut: the last quantizable op in execution order
 

@@ -9,6 +9,7 @@ import dataclasses
 
 import torch.fx as fx
 
+# node.meta keys
 QUANT_SPEC = "fracfx_quant"
 OP_COST = "fracfx_cost"
 QUANT_BINDING = "fracfx_binding"
@@ -17,13 +18,31 @@ TRACE_LEAVES = "fracfx_trace_leaves"  # GraphModule.meta: modules kept as leaves
 FROZEN = "fracfx_frozen"  # GraphModule.meta: tuple[FrozenQuant, ...] written by freeze_precision
 BLOCK = "fracfx_block"  # BlockSpec on every compute node inside a gated block, and on its gate's mask node
 BLOCK_PORTS = "fracfx_block_ports"  # tuple[BlockPort, ...] on the nodes that are a block's input/shortcut/output
+SHAPE = "fracfx_shape"  # TensorShape on every node that produced a tensor on the example inputs
+MODULE_STACK = "nn_module_stack"  # torch.fx's own: the module calls a node was traced inside
+
+# every key the pass contract governs (fracfx.passes.infra.run_pipeline checks reads and writes)
+NODE_KEYS = (QUANT_SPEC, OP_COST, QUANT_BINDING, INSERTED, BLOCK, BLOCK_PORTS, SHAPE, MODULE_STACK)
+GRAPH_KEYS = (TRACE_LEAVES, FROZEN)
+
+# op kinds (QuantSpec.kind)
+CONV, LINEAR, MATMUL = "conv", "linear", "matmul"
+QUANTIZABLE_KINDS = (CONV, LINEAR, MATMUL)
+UNSUPPORTED = "unsupported"  # a compute op fracfx cannot quantize: reported, kept FP32
+
+# roles of inserted nodes (Inserted.role, FrozenQuant.role)
+ACT_QUANT, WEIGHT_QUANT, GRAD_QUANT = "act_quant", "weight_quant", "grad_quant"
+GATE_EMBED, GATE_STEP, GATE_STATE, GATE_HEAD, GATE_CHOICE = "gate_embed", "gate_step", "gate_state", "gate_head", "gate_choice"
+GATE_ROLES = (GATE_EMBED, GATE_STEP, GATE_STATE, GATE_HEAD, GATE_CHOICE)  # the gate subgraph of a block
+FP32_ROWS = "fp32_rows"  # DFQ "fp32" candidate: the op's float result for the samples that chose it
+SKIP_MIX = "skip_mix"  # DFQ "skip" candidate: the block's shortcut for the samples that chose it
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """Policy for one compute op: what it is and whether to quantize it (and if not, why)."""
 
-    kind: str  # "conv" | "linear" | "matmul"
+    kind: str  # CONV | LINEAR | MATMUL | UNSUPPORTED
     module_path: str  # owning module's qualified name ("" for the root)
     module_type: str  # e.g. "Conv2d", or the function name for functional ops
     quantize: bool
@@ -39,6 +58,18 @@ class OpCost:
 
 
 @dataclasses.dataclass(frozen=True)
+class TensorShape:
+    """The shape of the tensor a node produced when the graph ran on the example inputs.
+
+    batch: the example inputs' batch size (dim 0 of the first tensor input), the same on every
+    node, so a reader of one node can turn totals into per-sample values.
+    """
+
+    shape: tuple[int, ...]
+    batch: int
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantBinding:
     """Names (GraphModule submodule paths) of the quantizers attached to a compute op."""
 
@@ -51,7 +82,7 @@ class QuantBinding:
 class Inserted:
     """Marks a node a fracfx pass inserted: its role and the compute op it serves."""
 
-    role: str  # "act_quant" | "weight_quant" | "grad_quant"
+    role: str  # one of the roles above
     serves: str  # name of the compute node
 
 
@@ -66,7 +97,7 @@ class FrozenQuant:
     """
 
     target: str  # submodule path of the frozen quantizer
-    role: str  # "act_quant" | "weight_quant"
+    role: str  # ACT_QUANT | WEIGHT_QUANT
     serves: str  # name of the compute node it feeds
     bits: int
     max_shift_steps: float
@@ -117,6 +148,7 @@ get_op_cost, set_op_cost = _getter(OP_COST), _setter(OP_COST)
 get_binding, set_binding = _getter(QUANT_BINDING), _setter(QUANT_BINDING)
 get_inserted, set_inserted = _getter(INSERTED), _setter(INSERTED)
 get_block, set_block = _getter(BLOCK), _setter(BLOCK)
+get_shape, set_shape = _getter(SHAPE), _setter(SHAPE)
 
 
 def get_block_ports(node: fx.Node) -> tuple[BlockPort, ...]:
@@ -130,3 +162,8 @@ def add_block_port(node: fx.Node, port: BlockPort) -> None:
 def compute_nodes(graph: fx.Graph):
     """Nodes the policy looked at (quantized or kept FP32), in execution order."""
     return [n for n in graph.nodes if get_quant_spec(n) is not None]
+
+
+def is_frozen(gm) -> bool:
+    """True for the output of freeze_precision (and of fracfx.freeze)."""
+    return isinstance(gm, fx.GraphModule) and FROZEN in gm.meta

@@ -2,8 +2,8 @@
 
 CostMeter adds, per iteration, batch_size * the model's effective MACs per sample at the bits in
 force, and the same for the two baselines: FP32 training and static 8-bit training (SBM). The
-per-sample value is computed with fracfx.cost_report once per distinct bits assignment and
-cached, so step() costs a tuple of ints and a dict lookup.
+per-sample value is computed with fracfx.cost_model.analyze_cost once per distinct bits
+assignment and cached, so step() costs a tuple of ints and a dict lookup.
 
 pfq_cost_fraction is the per-iteration cost the reference logs for PFQ (section 2).
 """
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch.fx as fx
 
+from fracfx import cost_model
 from fracfx.bits import check_bits, cost_bits
+from fracfx.cost_model import FP32_BITOPS, ratio, step_bitops
 from fracfx.errors import ConfigError
 from fracfx.nn.quantizers import QUANTIZER_TYPES
 from fracfx.runtime.plateau import STATE_VERSION
-
-FP32_BITOPS = 32 * 32
 
 
 def pfq_cost_fraction(fw_bits: int, bw_bits: int) -> float:
@@ -29,19 +29,16 @@ def pfq_cost_fraction(fw_bits: int, bw_bits: int) -> float:
     """
     a = cost_bits(check_bits(fw_bits, "fw_bits"))
     g = cost_bits(check_bits(bw_bits, "bw_bits"))
-    return (a * a + a * g + a * g) / (3 * FP32_BITOPS)
+    return step_bitops(a, a, g) / (3 * FP32_BITOPS)
 
 
 class CostMeter:
     """Accumulates effective MACs of training `gm` (made with fracfx.transform(..., example_inputs=...))."""
 
     def __init__(self, gm: fx.GraphModule):
-        from fracfx.api import cost_report  # fracfx.api sits above runtime in the dependency order
-
-        self._cost_report = cost_report
         self.gm = gm
         self._quantizers = [m for m in gm.modules() if isinstance(m, QUANTIZER_TYPES)]
-        report = cost_report(gm)  # raises ConfigError when MACs are unknown: better now than at step 1
+        report = cost_model.analyze_cost(gm)  # raises ConfigError when MACs are unknown: better now than at step 1
         self.macs_per_sample = report.macs
         self.fp32_per_sample = report.fp32_effective_macs
         self.sbm_per_sample = report.sbm_effective_macs
@@ -59,7 +56,7 @@ class CostMeter:
         key = self._bits_key()
         value = self._per_sample_cache.get(key)
         if value is None:
-            value = self._per_sample_cache[key] = self._cost_report(self.gm).effective_macs
+            value = self._per_sample_cache[key] = cost_model.analyze_cost(self.gm).effective_macs
         return value
 
     def step(self, batch_size: int) -> float:
@@ -83,11 +80,11 @@ class CostMeter:
 
     @property
     def ratio_vs_fp32(self) -> float:
-        return self.effective_macs / self.fp32_effective_macs if self.fp32_effective_macs else 0.0
+        return ratio(self.effective_macs, self.fp32_effective_macs)
 
     @property
     def ratio_vs_sbm(self) -> float:
-        return self.effective_macs / self.sbm_effective_macs if self.sbm_effective_macs else 0.0
+        return ratio(self.effective_macs, self.sbm_effective_macs)
 
     def summary(self) -> dict[str, float | int]:
         return {

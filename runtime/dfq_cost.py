@@ -12,8 +12,8 @@ Per iteration on B samples (FRACTRAIN.md section 5, effective MACs = bit-ops / 1
 n_bk is how many of the B samples chose candidate k in block b, read from the gates' masks of
 the step just taken (DFQController.blocks[b].choice.last_mask); the per-candidate bit-ops are
 the controller's own (`_Block.units()`: "skip" costs 0, "fp32" 3 * 32 * 32 per MAC). The
-baselines are those of CostMeter: FP32 training 3 * M and static 8-bit 3 * M * 64 / 1024 per
-sample, M the MACs of every compute op.
+baselines are fracfx.cost_model's, as in CostMeter: FP32 training 3 * M and static 8-bit
+3 * M * 64 / 1024 per sample, M the MACs of every compute op.
 
 The gate network itself (embeddings, the shared LSTM cell, the head; FP32, trained) is not part
 of the paper's metric; it is counted separately as `gate_effective_macs` (3 * its MACs per
@@ -32,26 +32,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fracfx.bits import cost_bits
+from fracfx.cost_model import FP32_BITOPS, fp32_effective_macs, op_bits, priced_ops, ratio, sbm_effective_macs, step_bitops
 from fracfx.errors import ConfigError
-from fracfx.nn.gates import FP32_BITOPS, choice_of
-from fracfx.meta import get_binding, get_block, get_inserted, get_op_cost, get_quant_spec
+from fracfx.meta import GATE_EMBED, GATE_HEAD, GATE_STEP, get_binding, get_block, get_inserted
+from fracfx.nn.gates import choice_of
 from fracfx.runtime.dfq import DFQController
 from fracfx.runtime.plateau import STATE_VERSION
 
-SBM_BITS = 8
-GATE_ROLES = ("gate_embed", "gate_step", "gate_head")
-
-
-def _static_bits(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int, int]:
-    """(a, w, g) in force on an ungated op, FP32 counted as 32 (as fracfx.passes.analyze_cost)."""
-    binding = get_binding(node)
-    if binding is None:
-        return 32, 32, 32
-    bits = lambda target: 32 if target is None else cost_bits(gm.get_submodule(target).current_bits)
-    a = bits(binding.act[0])
-    w = bits(binding.act[1]) if len(binding.act) > 1 else bits(binding.weight)
-    return a, w, bits(binding.grad)
+GATE_MODULE_ROLES = (GATE_EMBED, GATE_STEP, GATE_HEAD)  # the gate's modules that compute (MACs)
 
 
 def _module_macs(module: nn.Module) -> int:
@@ -70,7 +58,7 @@ def gate_macs_per_sample(gm: fx.GraphModule) -> int:
     total = 0
     for node in gm.graph.nodes:
         inserted = get_inserted(node)
-        if inserted is not None and inserted.role in GATE_ROLES and node.op == "call_module":
+        if inserted is not None and inserted.role in GATE_MODULE_ROLES and node.op == "call_module":
             total += _module_macs(gm.get_submodule(node.target))
     return total
 
@@ -85,24 +73,17 @@ class DFQCostMeter:
         self.macs_per_sample = 0
         self.ungated_per_sample = 0.0
         gated = 0
-        for node in gm.graph.nodes:
-            spec = get_quant_spec(node)
-            if spec is None or spec.kind == "unsupported":
-                continue
-            cost = get_op_cost(node)
-            if cost is None:
-                raise ConfigError("MACs are unknown: pass example_inputs to fracfx.transform(model, DFQConfig(...), example_inputs=...)")
-            self.macs_per_sample += cost.macs_per_sample
+        for node, _, macs in priced_ops(gm):
+            self.macs_per_sample += macs
             if get_block(node) is not None and get_binding(node) is not None:
-                gated += cost.macs_per_sample
+                gated += macs
                 continue
-            a, w, g = _static_bits(gm, node)
-            self.ungated_per_sample += cost.macs_per_sample * (a * w + g * w + a * g) / FP32_BITOPS
+            self.ungated_per_sample += macs * step_bitops(*op_bits(gm, node)) / FP32_BITOPS
         if gated != controller.total_macs:
             raise ConfigError(f"the controller gates {controller.total_macs} MACs per sample but this model's gated ops hold {gated}; pass the model the controller was built on")
-        self.gate_per_sample = 3.0 * gate_macs_per_sample(gm)
-        self.fp32_per_sample = 3.0 * self.macs_per_sample
-        self.sbm_per_sample = self.macs_per_sample * 3 * SBM_BITS * SBM_BITS / FP32_BITOPS
+        self.gate_per_sample = fp32_effective_macs(gate_macs_per_sample(gm))
+        self.fp32_per_sample = fp32_effective_macs(self.macs_per_sample)
+        self.sbm_per_sample = sbm_effective_macs(self.macs_per_sample)
         self.iterations = 0
         self.samples = 0
         self.gated_effective_macs = 0.0
@@ -174,12 +155,12 @@ class DFQCostMeter:
             "effective_macs": self.effective_macs,
             "fp32_effective_macs": fp32,
             "sbm_effective_macs": sbm,
-            "ratio_vs_fp32": self.effective_macs / fp32 if fp32 else 0.0,
-            "ratio_vs_sbm": self.effective_macs / sbm if sbm else 0.0,
+            "ratio_vs_fp32": ratio(self.effective_macs, fp32),
+            "ratio_vs_sbm": ratio(self.effective_macs, sbm),
             "gated_effective_macs": self.gated_effective_macs,
             "ungated_effective_macs": self.ungated_effective_macs,
             "gate_effective_macs": self.gate_effective_macs,
-            "ratio_vs_sbm_with_gate": (self.effective_macs + self.gate_effective_macs) / sbm if sbm else 0.0,
+            "ratio_vs_sbm_with_gate": ratio(self.effective_macs + self.gate_effective_macs, sbm),
         }
 
     def state_dict(self) -> dict[str, Any]:

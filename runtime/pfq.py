@@ -20,6 +20,7 @@ from torch import nn
 
 from fracfx.bits import MAX_BITS, check_bits
 from fracfx.errors import ConfigError
+from fracfx.nn.precision import set_bits
 from fracfx.nn.quantizers import QUANTIZER_TYPES
 from fracfx.runtime.plateau import STATE_VERSION, PlateauIndicator, PlateauTracker, _check_settings
 
@@ -138,9 +139,6 @@ class PFQScheduler:
         self._apply_bits()
 
     def _apply_bits(self) -> None:
-        # Imported here: fracfx.api sits above runtime in the dependency order.
-        from fracfx.api import set_bits
-
         a, w, g = self.bits
         set_bits(self.gm, act_bits=a, weight_bits=w, grad_bits=g)
 

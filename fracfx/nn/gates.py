@@ -34,9 +34,8 @@ from torch import nn
 
 from fracfx.bits import cost_bits
 from fracfx.config import EMBED_LAYOUTS, FP32_CANDIDATE, SKIP
+from fracfx.cost_model import FP32_BITOPS, candidate_bitops  # noqa: F401  (FP32_BITOPS: the runtime's import path)
 from fracfx.errors import ConfigError
-
-FP32_BITOPS = 32 * 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +70,8 @@ class CandidateTable:
         return tuple(e if isinstance(e, str) else f"a{cost_bits(e[0])}g{cost_bits(e[1])}" for e in self.entries)
 
     def bitops(self, index: int, weight_bits: int | None) -> int:
-        """a*w + g*w + a*g of one MAC under candidate `index` (FP32 = 32 bits; skip = 0).
-
-        weight_bits is the op's own weight quantizer's bits (0 = FP32), or None for an op whose
-        second operand is an activation at the candidate's bits (matmul). "fp32" runs the
-        weights unquantized too, so it costs 3 * 32 * 32 whatever weight_bits is.
-        """
-        entry = self.entries[index]
-        if entry == SKIP:
-            return 0
-        if entry == FP32_CANDIDATE:
-            return 3 * FP32_BITOPS
-        a, g = cost_bits(entry[0]), cost_bits(entry[1])
-        w = a if weight_bits is None else cost_bits(weight_bits)
-        return a * w + g * w + a * g
+        """a*w + g*w + a*g of one MAC under candidate `index` (fracfx.cost_model.candidate_bitops)."""
+        return candidate_bitops(self.entries[index], weight_bits)
 
 
 class GateEmbedding(nn.Module):

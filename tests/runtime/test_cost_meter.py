@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fracfx
-import fracfx.api
+import fracfx.cost_model
 from fracfx.errors import ConfigError
 from fracfx.runtime import CostMeter, pfq_cost_fraction
 
@@ -40,8 +40,8 @@ def test_accumulates_effective_macs_at_the_bits_in_force():
 
 def test_per_sample_cost_is_cached_per_bits_assignment(monkeypatch):
     calls = []
-    real = fracfx.api.cost_report
-    monkeypatch.setattr(fracfx.api, "cost_report", lambda gm: calls.append(1) or real(gm))
+    real = fracfx.cost_model.analyze_cost
+    monkeypatch.setattr(fracfx.cost_model, "analyze_cost", lambda gm: calls.append(1) or real(gm))
     gm = make_model()
     meter = CostMeter(gm)
     for _ in range(5):
