@@ -1,0 +1,273 @@
+"""The ops of the fast int8 format: each one runs in PyTorch (the reference) and writes its ONNX.
+
+Every op reads and writes named values. A value is either float32 or "codes": uint8 integers
+q with a (scale, zero point) meaning (q - zp) * scale, held in the reference as float32 tensors of
+integers. Pairing `run` (PyTorch) with `emit` (ONNX) in one class keeps the reference and the file
+describing the same arithmetic:
+
+    Quantize     QuantizeLinear [+ Clip]           clamp(round(x / s) + zp, lo, hi)
+    Dequantize   DequantizeLinear                  (q - zp) * s
+    ClipCodes    Clip on uint8                     clamp(q, lo, hi) (ReLU/ReLU6 on codes, b-bit carriers)
+    QConv        QLinearConv [+ Clip]              int32 acc = conv(q_x - zp_x, w) + bias_i32 (exact);
+                                                   y = clamp(round(float32(acc) * m_c) + zp_y, lo, hi),
+                                                   m_c = float32(float32(s_x * s_w[c]) / s_y)
+    QLinearFloat MatMulInteger, Cast, Mul [, Add]  float32(acc) * float32(s_x * s_w[c]) (+ bias)
+
+onnxruntime's QLinearConv requantizes exactly so (MlasRequantizeOutput: float multiply, round to
+nearest even, clamp). The integer accumulation is computed in float64 here (exact below 2^53).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class Builder:
+    """Collects ONNX nodes and initializers with short unique names."""
+
+    def __init__(self):
+        self.nodes, self.inits, self._count = [], [], 0
+
+    def const(self, array, name: str = "c") -> str:
+        from onnx import numpy_helper
+
+        self._count += 1
+        full = f"{name}_{self._count}"
+        self.inits.append(numpy_helper.from_array(np.asarray(array), full))
+        return full
+
+    def node(self, op: str, inputs, output: str | None = None, *, domain: str = "", **attrs) -> str:
+        from onnx import helper
+
+        self._count += 1
+        output = output or f"{op.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op, list(inputs), [output], name=f"{op}_{len(self.nodes)}", domain=domain, **attrs))
+        return output
+
+
+def _f32(value) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32)
+
+
+def _clip_codes(b: Builder, q: str, lo: int, hi: int, out: str) -> str:
+    return b.node("Clip", [q, b.const(np.uint8(lo), "lo"), b.const(np.uint8(hi), "hi")], out)
+
+
+@dataclasses.dataclass
+class Quantize:
+    x: str
+    out: str
+    scale: float
+    zp: int
+    lo: int = 0
+    hi: int = 255
+
+    def run(self, env):
+        q = torch.round(env[self.x] / _f32(self.scale)) + self.zp
+        env[self.out] = torch.clamp(q, self.lo, self.hi)
+
+    def emit(self, b: Builder):
+        full = (self.lo, self.hi) == (0, 255)
+        q = b.node("QuantizeLinear", [self.x, b.const(np.float32(self.scale), "s"), b.const(np.uint8(self.zp), "zp")], self.out if full else None)
+        if not full:
+            _clip_codes(b, q, self.lo, self.hi, self.out)
+
+
+@dataclasses.dataclass
+class Dequantize:
+    q: str
+    out: str
+    scale: float
+    zp: int
+
+    def run(self, env):
+        env[self.out] = (env[self.q] - self.zp) * _f32(self.scale)
+
+    def emit(self, b: Builder):
+        b.node("DequantizeLinear", [self.q, b.const(np.float32(self.scale), "s"), b.const(np.uint8(self.zp), "zp")], self.out)
+
+
+@dataclasses.dataclass
+class ClipCodes:
+    q: str
+    out: str
+    lo: int
+    hi: int
+
+    def run(self, env):
+        env[self.out] = torch.clamp(env[self.q], self.lo, self.hi)
+
+    def emit(self, b: Builder):
+        _clip_codes(b, self.q, self.lo, self.hi, self.out)
+
+
+def _pair(v, n=2):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+@dataclasses.dataclass
+class QConv:
+    x: str
+    out: str
+    x_scale: float
+    x_zp: int
+    weight: torch.Tensor  # int8 values (as int64), [C_out, C_in / groups, kh, kw]
+    w_scale: torch.Tensor  # float32 [C_out]
+    bias: torch.Tensor  # int32 values (as int64) [C_out]
+    y_scale: float
+    y_zp: int
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    lo: int = 0
+    hi: int = 255
+
+    def multiplier(self) -> torch.Tensor:
+        return (_f32(self.x_scale) * self.w_scale.float()) / _f32(self.y_scale)
+
+    def run(self, env):
+        x = (env[self.x] - self.x_zp).double()
+        acc = F.conv2d(x, self.weight.double(), self.bias.double(), self.stride, self.padding, self.dilation, self.groups)
+        y = torch.round(acc.float() * self.multiplier().view(1, -1, 1, 1)) + self.y_zp
+        env[self.out] = torch.clamp(y, max(self.lo, 0), min(self.hi, 255))
+
+    def emit(self, b: Builder):
+        full = (self.lo, self.hi) == (0, 255)
+        ph, pw = self.padding
+        inputs = [
+            self.x, b.const(np.float32(self.x_scale), "s"), b.const(np.uint8(self.x_zp), "zp"),
+            b.const(self.weight.numpy().astype(np.int8), "w"), b.const(self.w_scale.numpy().astype(np.float32), "ws"),
+            b.const(np.zeros(self.weight.shape[0], np.int8), "wzp"),
+            b.const(np.float32(self.y_scale), "s"), b.const(np.uint8(self.y_zp), "zp"), b.const(self.bias.numpy().astype(np.int32), "b"),
+        ]
+        y = b.node(
+            "QLinearConv", inputs, self.out if full else None, strides=list(self.stride), pads=[ph, pw, ph, pw],
+            dilations=list(self.dilation), group=self.groups, kernel_shape=list(self.weight.shape[2:]),
+        )
+        if not full:
+            _clip_codes(b, y, self.lo, self.hi, self.out)
+
+
+@dataclasses.dataclass
+class QLinearFloat:
+    x: str
+    out: str
+    x_scale: float
+    x_zp: int
+    weight: torch.Tensor  # int8 values (as int64), [N, K]
+    w_scale: torch.Tensor  # float32 [N]
+    bias: torch.Tensor | None  # float32 [N]
+
+    def rescale(self) -> torch.Tensor:
+        return _f32(self.x_scale) * self.w_scale.float()
+
+    def run(self, env):
+        acc = torch.matmul((env[self.x] - self.x_zp).double(), self.weight.double().t())
+        y = acc.float() * self.rescale()
+        env[self.out] = y if self.bias is None else y + self.bias.float()
+
+    def emit(self, b: Builder):
+        zp = b.const(np.uint8(self.x_zp), "zp")
+        w = b.const(self.weight.t().contiguous().numpy().astype(np.int8), "w")
+        acc = b.node("MatMulInteger", [self.x, w, zp, b.const(np.int8(0), "wzp")])
+        y = b.node("Cast", [acc], to=1)
+        last = self.bias is None
+        y = b.node("Mul", [y, b.const(self.rescale().numpy(), "rs")], self.out if last else None)
+        if not last:
+            b.node("Add", [y, b.const(self.bias.float().numpy(), "bias")], self.out)
+
+
+@dataclasses.dataclass
+class Float:
+    """A float (or shape/order-only) op: `kind` picks both the torch call and the ONNX node."""
+
+    kind: str  # add | mul | relu | clip | maxpool | gap | flatten | gemm | conv | affine | identity
+    inputs: list
+    out: str
+    params: dict = dataclasses.field(default_factory=dict)
+
+    def run(self, env):
+        a, p = [env[i] for i in self.inputs], self.params
+        k = self.kind
+        if k == "add":
+            y = a[0] + a[1]
+        elif k == "mul":
+            y = a[0] * a[1]
+        elif k == "relu":
+            y = torch.relu(a[0])
+        elif k == "clip":
+            y = torch.clamp(a[0], p["min"], p["max"])
+        elif k == "maxpool":
+            y = F.max_pool2d(a[0], p["kernel"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"])
+        elif k == "gap":
+            y = a[0].mean(dim=(2, 3), keepdim=True)
+        elif k == "flatten":
+            y = torch.flatten(a[0], p["axis"])
+        elif k == "gemm":
+            y = F.linear(a[0], p["weight"], p.get("bias"))
+        elif k == "conv":
+            y = F.conv2d(a[0], p["weight"], p.get("bias"), p["stride"], p["padding"], p["dilation"], p["groups"])
+        elif k == "affine":
+            y = torch.add(torch.mul(a[0], p["scale"]), p["shift"])
+        else:
+            y = a[0]
+        env[self.out] = y
+
+    def emit(self, b: Builder):
+        p, k, ins = self.params, self.kind, list(self.inputs)
+        if k in ("add", "mul"):
+            b.node(k.capitalize(), ins, self.out)
+        elif k == "relu":
+            b.node("Relu", ins, self.out)
+        elif k == "clip":
+            b.node("Clip", ins + [b.const(np.float32(p["min"]), "lo"), b.const(np.float32(p["max"]), "hi")], self.out)
+        elif k == "maxpool":
+            (kh, kw), (sh, sw), (ph, pw), dil = _pair(p["kernel"]), _pair(p["stride"]), _pair(p["padding"]), _pair(p["dilation"])
+            b.node("MaxPool", ins, self.out, kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
+                   dilations=list(dil), ceil_mode=int(p["ceil_mode"]))
+        elif k == "gap":
+            b.node("GlobalAveragePool", ins, self.out)
+        elif k == "flatten":
+            b.node("Flatten", ins, self.out, axis=p["axis"])
+        elif k == "gemm":
+            extra = [] if p.get("bias") is None else [b.const(p["bias"].detach().float().numpy(), "bias")]
+            b.node("Gemm", ins + [b.const(p["weight"].detach().float().numpy(), "w")] + extra, self.out, transB=1)
+        elif k == "conv":
+            (ph, pw) = _pair(p["padding"])
+            extra = [] if p.get("bias") is None else [b.const(p["bias"].detach().float().numpy(), "bias")]
+            b.node("Conv", ins + [b.const(p["weight"].detach().float().numpy(), "w")] + extra, self.out,
+                   strides=list(_pair(p["stride"])), pads=[ph, pw, ph, pw], dilations=list(_pair(p["dilation"])),
+                   group=p["groups"], kernel_shape=list(p["weight"].shape[2:]))
+        elif k == "affine":
+            y = b.node("Mul", ins + [b.const(p["scale"].float().numpy(), "a")])
+            b.node("Add", [y, b.const(p["shift"].float().numpy(), "c")], self.out)
+        else:
+            b.node("Identity", ins, self.out)
+
+
+class Int8Reference(torch.nn.Module):
+    """The PyTorch reference of a fast-int8 file: runs its ops in order (eval only, no autograd)."""
+
+    def __init__(self, ops, inputs: list[str], outputs: list[str]):
+        super().__init__()
+        self.ops, self.input_names, self.output_names = list(ops), list(inputs), list(outputs)
+
+    @torch.no_grad()
+    def forward(self, *inputs):
+        env = dict(zip(self.input_names, (x.float() for x in inputs)))
+        for op in self.ops:
+            op.run(env)
+        outs = [env[name] for name in self.output_names]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            key = op.kind if isinstance(op, Float) else type(op).__name__
+            counts[key] = counts.get(key, 0) + 1
+        return counts
