@@ -76,7 +76,9 @@ def fold(weight: FrozenWeight, bias: torch.Tensor | None, bn: nn.Module | None, 
         new_scale = torch.where(over, peak / limit, scale)
         v = torch.where(over.view(shape), torch.round(real / new_scale.view(shape)).long(), v)
         scale = new_scale
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero channel: any positive scale
+    dead = scale <= 0  # a zero BatchNorm factor: the channel is its bias alone
+    v = torch.where(dead.view(shape), torch.zeros_like(v), v)
+    scale = torch.where(dead, torch.ones_like(scale), scale)
     return FoldedWeight(v.clamp(-limit, limit), scale.float(), real_bias, requantized, bn is not None)
 
 

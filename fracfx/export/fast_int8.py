@@ -169,6 +169,8 @@ class FastVerify:
     samples: int
     step: float
     levels: tuple[FastLevel, ...]
+    frozen_top1: float | None = None  # the reference's top-1 agreement with the frozen float model (what the format costs)
+    frozen_rel_error: float | None = None  # max over samples of max|reference - frozen| / max|frozen|
 
     def level(self, name: str) -> FastLevel:
         return next(r for r in self.levels if r.level == name)
@@ -178,7 +180,7 @@ class FastVerify:
         return all(r.within_step >= WITHIN_STEP and (r.top1_agreement is None or r.top1_agreement >= TOP1) for r in self.levels)
 
 
-def verify_fast(model, reference: Int8Reference, inputs, *, batch_size: int = 64, threads: int = 1) -> FastVerify:
+def verify_fast(model, reference: Int8Reference, inputs, *, frozen=None, batch_size: int = 64, threads: int = 1) -> FastVerify:
     import onnx
 
     from fracfx.export.verify import LEVELS, _run_ort, run_reference, session
@@ -201,7 +203,13 @@ def verify_fast(model, reference: Int8Reference, inputs, *, batch_size: int = 64
                 level, float((err <= step).mean()), float(err.max() / step), float((err.reshape(len(ref), -1).max(axis=1) / scale).max()),
                 top1, dict(sorted(ops.items())),
             ))
-    return FastVerify(len(ref), step, tuple(levels))
+    frozen_top1 = frozen_rel = None
+    if frozen is not None:
+        base = run_reference(frozen, inputs, batch_size).astype(np.float64)
+        frozen_top1 = float((base.argmax(1) == ref.argmax(1)).mean()) if ref.ndim == 2 else None
+        diff = np.abs(ref.reshape(len(ref), -1) - base.reshape(len(base), -1)).max(axis=1)
+        frozen_rel = float((diff / np.maximum(np.abs(base.reshape(len(base), -1)).max(axis=1), 1e-30)).max())
+    return FastVerify(len(ref), step, tuple(levels), frozen_top1, frozen_rel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +243,10 @@ class FastExportReport:
                     f"(max {r.max_step_error:.2f} steps, max rel err {r.max_rel_error:.2e}), top-1 agreement {top1}; "
                     f"integer kernels run: {r.integer_kernels}"
                 )
+            if self.verify.frozen_rel_error is not None:
+                top1 = "n/a" if self.verify.frozen_top1 is None else f"{self.verify.frozen_top1:.4f}"
+                out.append(f"int8 reference vs the frozen float model (what the format changes): max rel dev "
+                           f"{self.verify.frozen_rel_error:.3e}, top-1 agreement {top1}")
         if self.latency is not None:
             lat = self.latency
             out.append(f"latency (batch {lat.batch}, {lat.threads} thread): int8-fast {lat.qdq_ms:.2f} ms vs FP32 {lat.fp32_ms:.2f} ms (x{lat.ratio:.2f})")
@@ -258,7 +270,8 @@ def export_fast(gm, path, example_inputs, *, format: str = "int8-fast", calibrat
         handle.write(model.SerializeToString())
     check = timing = None
     if verify:
-        check = verify_fast(model, reference, _tuple(verify_inputs) if verify_inputs is not None else random_inputs(gm, example_inputs, 64))
+        inputs = _tuple(verify_inputs) if verify_inputs is not None else random_inputs(gm, example_inputs, 64)
+        check = verify_fast(model, reference, inputs, frozen=frozen)
     if latency:
         from fracfx.export.verify import compare_latency
 

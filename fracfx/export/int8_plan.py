@@ -55,7 +55,7 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
         return list(stack.values())[-1][0] or "<root>"
-    return str(node.target) if node.op == "call_module" else f"<root>.{node.name}"
+    return str(node.target) if node.op == "call_module" else "<root>"
 
 
 def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
