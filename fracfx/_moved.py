@@ -30,8 +30,8 @@ MOVED = {
     "fracfx.commands.inspect": "fracfx.cli.inspect",
     "fracfx.commands.report": "fracfx.cli.report",
     "fracfx.commands.train": "fracfx.cli.train",
-    "fracfx.train_dfq": "fracfx.train.dfq",
-    "fracfx.train_text": "fracfx.train.text",
+    "fracfx.train_dfq": "fracfx.train.methods.dfq",
+    "fracfx.train_text": "fracfx.train.tasks",
     "fracfx.report": "fracfx.train.report",
     "fracfx.passes.analyze_cost": "fracfx.cost_model",
 }

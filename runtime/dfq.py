@@ -26,6 +26,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from fracfx.bits import cost_bits
+from fracfx.config import FP32_CANDIDATE, SKIP
 from fracfx.errors import ConfigError
 from fracfx.nn.gates import FP32_BITOPS, GateChoice, choice_of
 from fracfx.meta import get_binding, get_block, get_inserted, get_op_cost
@@ -44,6 +46,23 @@ class _Block:
         """Per candidate: bit-ops of one sample through this block, at the weight bits in force."""
         table = self.choice.table
         return [float(sum(macs * table.bitops(k, None if w is None else w.current_bits) for macs, w in self.ops)) for k in range(len(table))]
+
+    def bit_sums(self) -> list[tuple[float, float, float]]:
+        """Per candidate: sum over the block's ops of MACs * (a, w, g) bits, as the cost model counts them."""
+        table, sums = self.choice.table, []
+        for entry in table.entries:
+            a_sum = w_sum = g_sum = 0.0
+            for macs, weight in self.ops:
+                if entry == SKIP:
+                    a, w, g = 0, 0, 0
+                elif entry == FP32_CANDIDATE:
+                    a = w = g = 32
+                else:
+                    a, g = cost_bits(entry[0]), cost_bits(entry[1])
+                    w = a if weight is None else cost_bits(weight.current_bits)
+                a_sum, w_sum, g_sum = a_sum + macs * a, w_sum + macs * w, g_sum + macs * g
+            sums.append((a_sum, w_sum, g_sum))
+        return sums
 
 
 def _find_blocks(gm: fx.GraphModule) -> list[_Block]:
@@ -162,8 +181,16 @@ class DFQController:
 
     @property
     def cp(self) -> float:
-        """Percent of FP32 training cost of the gated ops in the last forward."""
-        return self.observe()
+        """Percent of FP32 training cost of the gated ops in the last forward; records nothing.
+
+        The cached value once observe() (or cost_loss()) saw this forward; else computed from
+        this process's masks (data-parallel: call observe() for the global batch's cp).
+        """
+        if self.blocks[0].choice.forward_count == self._recorded:
+            return self.last_cp
+        masks = self._masks()
+        with torch.no_grad():
+            return 100.0 * float(self._cost()) / (masks[0].shape[0] * 3 * FP32_BITOPS * self.total_macs)
 
     def sign(self, cp: float) -> float:
         """r: +1 at or above the target, -1 below; +-band_sign inside (target - relax, target + relax)."""

@@ -14,17 +14,17 @@ out=${1:-runs/fmnist}; shift || true
 methods=("$@"); [ ${#methods[@]} -gt 0 ] || methods=(static8 fractrain pfq dfq fp32)
 subset=${SUBSET:-15000}
 per_epoch=$(( (subset + 127) / 128 ))
-common=(--arch cifar_resnet38 --dataset fashion-mnist --epochs 3 --batch_size 128 --seed 0
-        --train_subset "$subset" --eval_every "$per_epoch" --no_progress --log_every 25)
+common=(--arch cifar_resnet38 --dataset fashion-mnist --epochs 3 --batch-size 128 --seed 0
+        --train-subset "$subset" --eval-every "$per_epoch" --no-progress --log-every 25)
 [ -n "${THREADS:-}" ] && common+=(--threads "$THREADS")
-plateau=(--window "${WINDOW:-12}" --initial_threshold 0.15 --decay 0.4 --num_turning_point 3)
+plateau=(--window "${WINDOW:-12}" --initial-threshold 0.15 --decay 0.4 --num-turning-point 3)
 for method in "${methods[@]}"; do
     case $method in
         fp32)      args=(--method fp32) ;;
-        static8)   args=(--method static --act_bits 8 --weight_bits 8 --grad_bits 8) ;;
-        pfq)       args=(--method pfq --num_bits_schedule 3 4 6 8 --num_grad_bits_schedule 6 6 8 8 "${plateau[@]}") ;;
-        dfq)       args=(--method dfq --weight_bits 4 --target_ratio 3) ;;
-        fractrain) args=(--method fractrain --weight_bits 4 --target_ratio 1.5 --target_ratio_step 0.5 "${plateau[@]}") ;;
+        static8)   args=(--method static --act-bits 8 --weight-bits 8 --grad-bits 8) ;;
+        pfq)       args=(--method pfq --num-bits-schedule 3 4 6 8 --num-grad-bits-schedule 6 6 8 8 "${plateau[@]}") ;;
+        dfq)       args=(--method dfq --weight-bits 4 --target-ratio 3) ;;
+        fractrain) args=(--method fractrain --weight-bits 4 --target-ratio 1.5 --target-ratio-step 0.5 "${plateau[@]}") ;;
         *) echo "unknown method $method (fp32 static8 pfq dfq fractrain)" >&2; exit 2 ;;
     esac
     run_once "$out/$method" "${common[@]}" "${args[@]}"

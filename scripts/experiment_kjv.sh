@@ -6,7 +6,7 @@
 # 1e-3 10.9; SGD at LR 0.5 diverged),
 # seed 0, evaluated every ITERS/5 iterations on the first 1024 validation windows (65,536
 # characters). Every linear and attention matmul is quantized, the tied head included
-# (--keep_fp32 with no value): with the head in FP32 its fixed cost alone (~26 % of static
+# (--keep-fp32 with no value): with the head in FP32 its fixed cost alone (~26 % of static
 # 8-bit training at this width) would cap any saving. Indicator window WINDOW (default 16,
 # about iterations / 30, FRACTRAIN.md section 9), CIFAR eps 0.15, decay 0.4. One torch thread
 # per run; each took 1.5-4 minutes on the 2 cores while two other trainings ran.
@@ -21,18 +21,18 @@ source "$(dirname "$0")/run_once.sh"
 out=${1:-runs/kjv}; shift || true
 methods=("$@"); [ ${#methods[@]} -gt 0 ] || methods=(static8 fractrain pfq fp32)
 iters=${ITERS:-480}
-common=(--arch transformer_lm --dataset kjv --context 64 --d_model 128 --n_layers 2 --n_heads 4
-        --batch_size 32 --iters "$iters" --optimizer adam --lr 1e-3 --keep_fp32
-        --test_subset 1024 --eval_every $(( iters / 5 )) --seed "${SEED:-0}" --threads "${THREADS:-1}"
-        --no_progress --log_every 40)
-plateau=(--window "${WINDOW:-16}" --initial_threshold 0.15 --decay 0.4 --num_turning_point 3)
+common=(--arch transformer_lm --dataset kjv --context 64 --d-model 128 --n-layers 2 --n-heads 4
+        --batch-size 32 --iters "$iters" --optimizer adam --lr 1e-3 --keep-fp32
+        --test-subset 1024 --eval-every $(( iters / 5 )) --seed "${SEED:-0}" --threads "${THREADS:-1}"
+        --no-progress --log-every 40)
+plateau=(--window "${WINDOW:-16}" --initial-threshold 0.15 --decay 0.4 --num-turning-point 3)
 for method in "${methods[@]}"; do
     case $method in
         fp32)      args=(--method fp32) ;;
-        static8)   args=(--method static --act_bits 8 --weight_bits 8 --grad_bits 8) ;;
-        pfq)       args=(--method pfq --num_bits_schedule 3 4 6 8 --num_grad_bits_schedule 6 6 8 8 "${plateau[@]}") ;;
-        dfq)       args=(--method dfq --weight_bits 4 --target_ratio 2.5) ;;
-        fractrain) args=(--method fractrain --weight_bits 4 --target_ratio "${TARGET:-1.5}" --target_ratio_step "${STEP:-0.5}"
+        static8)   args=(--method static --act-bits 8 --weight-bits 8 --grad-bits 8) ;;
+        pfq)       args=(--method pfq --num-bits-schedule 3 4 6 8 --num-grad-bits-schedule 6 6 8 8 "${plateau[@]}") ;;
+        dfq)       args=(--method dfq --weight-bits 4 --target-ratio 2.5) ;;
+        fractrain) args=(--method fractrain --weight-bits 4 --target-ratio "${TARGET:-1.5}" --target-ratio-step "${STEP:-0.5}"
                          --candidates "${CANDIDATES:-3:6,4:6,4:8,6:8,6:12}" "${plateau[@]}") ;;
         *) echo "unknown method $method (fp32 static8 pfq dfq fractrain)" >&2; exit 2 ;;
     esac

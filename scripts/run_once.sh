@@ -6,5 +6,5 @@ run_once() {
     local resume=()
     [ -f "$folder/checkpoint.pt" ] && resume=(--resume "$folder")
     echo "== $(basename "$folder") -> $folder"
-    fracfx train "$@" --save_folder "$folder" "${resume[@]}"
+    fracfx train "$@" --save-folder "$folder" "${resume[@]}"
 }

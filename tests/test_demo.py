@@ -10,8 +10,8 @@ from fracfx.cli import main
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    code = main(["demo", "--arch", "cifar_resnet20", "--iters", "4", "--batch_size", "32", "--test_subset", "256",
-                 "--out", str(out), "--no_progress"])
+    code = main(["demo", "--arch", "cifar_resnet20", "--iters", "4", "--batch-size", "32", "--test-subset", "256",
+                 "--out", str(out), "--no-progress"])
     assert code == 0
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["test_samples"] == 256

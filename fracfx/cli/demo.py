@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from fracfx.cli.flags import add_flag
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="the main job end to end on Fashion-MNIST (a few minutes on 2 CPU cores)")
-    parser.add_argument("--method", default="fractrain", help="training recipe: fractrain (default), dfq, pfq, static, fp32")
-    parser.add_argument("--arch", default="cifar_resnet38")
-    parser.add_argument("--iters", type=int, default=200, help="training iterations (default 200)")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--out", default="runs/demo", help="output folder (run, ONNX files, report.png)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--test_subset", type=int, default=None, help="evaluate on the first N test images only (quick checks)")
-    parser.add_argument("--no_progress", action="store_true", help="no live progress display")
+    add_flag(parser, "--method", default="fractrain", help="training recipe: fractrain (default), dfq, pfq, static, fp32")
+    add_flag(parser, "--arch", default="cifar_resnet38")
+    add_flag(parser, "--iters", type=int, default=200, help="training iterations (default 200)")
+    add_flag(parser, "--batch-size", type=int, default=128)
+    add_flag(parser, "--out", default="runs/demo", help="output folder (run, ONNX files, report.png)")
+    add_flag(parser, "--seed", type=int, default=0)
+    add_flag(parser, "--test-subset", type=int, default=None, help="evaluate on the first N test images only (quick checks)")
+    add_flag(parser, "--no-progress", action="store_true", help="no live progress display")
     parser.set_defaults(func=run)
 
 

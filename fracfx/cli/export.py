@@ -13,31 +13,32 @@ import dataclasses
 import json
 import os
 
+from fracfx.cli.flags import add_flag
 from fracfx.errors import ExportError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="freeze a model at fixed bits and write a QDQ ONNX file (optionally verified in onnxruntime)")
     p.add_argument("source", metavar="MODEL_OR_CHECKPOINT", help="model name (e.g. cifar_resnet20, resnet18) or checkpoint file")
-    p.add_argument("-o", "--output", required=True, help="path of the .onnx file to write")
-    p.add_argument("--bits", default=None, help="A,W: activation and weight bits (overrides --act-bits/--weight-bits)")
-    p.add_argument("--act-bits", type=int, default=None, help="activation bits (default 8 for a model name, as trained for a checkpoint)")
-    p.add_argument("--weight-bits", type=int, default=None, help="weight bits (default 8 for a model name, as trained for a checkpoint)")
-    p.add_argument("--format", choices=("int8", "int4"), default="int8", help="int8: uint8 codes, opset 17; int4: packed uint4 weights, opset 21")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 for int8, 21 for int4)")
-    p.add_argument("--arithmetic", choices=("integer", "dequantized"), default="integer",
-                   help="integer: ops on integer codes, bit-exact in any runtime (default); dequantized: classic QDQ")
-    p.add_argument("--verify", action="store_true", help="check the file in onnxruntime (ORT_DISABLE_ALL and ORT_ENABLE_ALL) against the frozen model")
-    p.add_argument("--verify-samples", type=int, default=64, help="seeded N(0, 1) inputs used by --verify (default 64)")
-    p.add_argument("--latency", action="store_true", help="time the file against its FP32 twin in onnxruntime")
-    p.add_argument("--input-size", default=None, help="H or H,W for a model name (default: the model's own)")
-    p.add_argument("--in-channels", type=int, default=3, help="input channels for a model name (default 3)")
-    p.add_argument("--num-classes", type=int, default=10, help="classes for a model name (default 10)")
-    p.add_argument("--calib-batches", type=int, default=4, help="seeded random batches of 16 that set activation ranges for a model name")
-    p.add_argument("--test-accuracy", action="store_true",
-                   help="checkpoint only: top-1 on the run's test set of the trained model, the fixed-precision model and the file in onnxruntime")
-    p.add_argument("--test-subset", type=int, default=None, help="with --test-accuracy: the first N test images only")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_flag(p, "-o", "--output", required=True, help="path of the .onnx file to write")
+    add_flag(p, "--bits", default=None, help="A,W: activation and weight bits (overrides --act-bits/--weight-bits)")
+    add_flag(p, "--act-bits", type=int, default=None, help="activation bits (default 8 for a model name, as trained for a checkpoint)")
+    add_flag(p, "--weight-bits", type=int, default=None, help="weight bits (default 8 for a model name, as trained for a checkpoint)")
+    add_flag(p, "--format", choices=("int8", "int4"), default="int8", help="int8: uint8 codes, opset 17; int4: packed uint4 weights, opset 21")
+    add_flag(p, "--opset", type=int, default=None, help="ONNX opset (default 17 for int8, 21 for int4)")
+    add_flag(p, "--arithmetic", choices=("integer", "dequantized"), default="integer",
+             help="integer: ops on integer codes, bit-exact in any runtime (default); dequantized: classic QDQ")
+    add_flag(p, "--verify", action="store_true", help="check the file in onnxruntime (ORT_DISABLE_ALL and ORT_ENABLE_ALL) against the frozen model")
+    add_flag(p, "--verify-samples", type=int, default=64, help="seeded N(0, 1) inputs used by --verify (default 64)")
+    add_flag(p, "--latency", action="store_true", help="time the file against its FP32 twin in onnxruntime")
+    add_flag(p, "--input-size", default=None, help="H or H,W for a model name (default: the model's own)")
+    add_flag(p, "--in-channels", type=int, default=3, help="input channels for a model name (default 3)")
+    add_flag(p, "--num-classes", type=int, default=10, help="classes for a model name (default 10)")
+    add_flag(p, "--calib-batches", type=int, default=4, help="seeded random batches of 16 that set activation ranges for a model name")
+    add_flag(p, "--test-accuracy", action="store_true",
+             help="checkpoint only: top-1 on the run's test set of the trained model, the fixed-precision model and the file in onnxruntime")
+    add_flag(p, "--test-subset", type=int, default=None, help="with --test-accuracy: the first N test images only")
+    add_flag(p, "--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
 

@@ -20,6 +20,7 @@ import re
 import torch
 from torch import nn
 
+from fracfx.cli.flags import add_flag
 from fracfx.config import FIRST_LAYER, LAST_LAYER
 from fracfx.errors import ConfigError
 
@@ -30,20 +31,20 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("inspect", help="show the quantized graph: ops, bits, MACs, cost vs FP32 and static 8-bit")
     parser.add_argument("model", metavar="MODEL", help="zoo name (cifar_resnet38), torchvision name (resnet18), package.module:factory, "
                         "or a `fracfx train` run folder / checkpoint.pt")
-    parser.add_argument("--act-bits", type=int, default=8, help="activation bits, 0 = FP32 (default 8)")
-    parser.add_argument("--weight-bits", type=int, default=8, help="weight bits, 0 = FP32 (default 8)")
-    parser.add_argument("--grad-bits", type=int, default=8, help="gradient bits, 0 = FP32 (default 8)")
-    parser.add_argument(
-        "--keep-fp32", action="append", metavar="GLOB",
+    add_flag(parser, "--act-bits", type=int, default=8, help="activation bits, 0 = FP32 (default 8)")
+    add_flag(parser, "--weight-bits", type=int, default=8, help="weight bits, 0 = FP32 (default 8)")
+    add_flag(parser, "--grad-bits", type=int, default=8, help="gradient bits, 0 = FP32 (default 8)")
+    add_flag(
+        parser, "--keep-fp32", action="append", metavar="GLOB",
         help=f"module-path glob, {FIRST_LAYER} or {LAST_LAYER} to keep in FP32; repeatable; "
         f"'{KEEP_NOTHING}' quantizes everything (default: {LAST_LAYER})",
     )
-    parser.add_argument("--leaf", action="append", default=[], metavar="MODULE", help="module path or class name to keep opaque (not traced); repeatable")
-    parser.add_argument("--trace-fallback", action="store_true", help="keep modules that fail to trace as FP32 leaves instead of stopping")
-    parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
-    parser.add_argument("--in-channels", type=int, default=3, help="input channels (default 3; 1 for Fashion-MNIST)")
-    parser.add_argument("--input-size", type=_parse_size, default=None, metavar="H[xW]", help="input height and width (default: the model's own, e.g. 32 for the CIFAR zoo)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    add_flag(parser, "--leaf", action="append", default=[], metavar="MODULE", help="module path or class name to keep opaque (not traced); repeatable")
+    add_flag(parser, "--trace-fallback", action="store_true", help="keep modules that fail to trace as FP32 leaves instead of stopping")
+    add_flag(parser, "--num-classes", type=int, default=10, help="classifier outputs (default 10)")
+    add_flag(parser, "--in-channels", type=int, default=3, help="input channels (default 3; 1 for Fashion-MNIST)")
+    add_flag(parser, "--input-size", type=_parse_size, default=None, metavar="H[xW]", help="input height and width (default: the model's own, e.g. 32 for the CIFAR zoo)")
+    add_flag(parser, "--json", action="store_true", help="print the report as JSON instead of tables")
     parser.set_defaults(func=run)
 
 
@@ -182,26 +183,26 @@ def is_checkpoint(spec: str) -> bool:
 
 def checkpoint_report(spec: str) -> dict:
     """inspect_report of a training checkpoint's model, plus the run's state (cost, DFQ usage)."""
-    from fracfx.train import load_trained
+    from fracfx.runtime.dfq_usage import DFQUsage
+    from fracfx.train import fixed_precision_model, load_trained, task_for
 
     loaded = load_trained(spec)
-    method = loaded.method
-    gm = method.export_model()
-    if not isinstance(gm, torch.fx.GraphModule):
-        from fracfx.train import model_from_checkpoint
-
-        gm, _ = model_from_checkpoint(spec)
+    usage = loaded.recipe.schedulers.get("tracking")
+    dfq = usage if isinstance(usage, DFQUsage) else None
+    gm = fixed_precision_model(loaded)
     config = loaded.config
-    pinned = ", gated blocks at their pinned candidate" if hasattr(method, "pinned_candidates") else ""
+    pinned = ", gated blocks at their pinned candidate" if dfq is not None else ""
     report = inspect_report(gm, model_name=f"{loaded.path} ({config.method} {config.arch}{pinned})", input_shape=tuple(loaded.example_input.shape), config=config)
     state = loaded.state
+    last = state["metrics"][-1] if state["metrics"] else None
     run = {"path": str(loaded.path), "method": config.method, "iteration": state["iteration"], "finished": state["finished"],
-           "iterations": loaded.plan.iterations, "last_metrics": _plain_metrics(state["metrics"][-1]) if state["metrics"] else None}
-    if hasattr(method, "pinned_candidates"):
-        train_usage = {name: list(counts) for name, counts in method.controller.usage_counts.items()}
+           "iterations": loaded.plan.iterations, "last_metrics": _plain_metrics(last) if last else None,
+           "score": list(task_for(config).score_row(last)) if last else None}
+    if dfq is not None:
         run["dfq"] = {
-            "candidates": list(method.labels), "target_ratio": method.controller.target_ratio, "pinned": method.pinned_candidates(),
-            "train_usage": train_usage, "eval_usage": method.track["last_eval_usage"], "stage_cp": method.stage_cp(),
+            "candidates": list(dfq.labels), "target_ratio": dfq.controller.target_ratio, "pinned": dfq.pinned_candidates(),
+            "train_usage": {name: list(counts) for name, counts in dfq.controller.usage_counts.items()},
+            "eval_usage": dfq.last_eval_usage, "stage_cp": dfq.stage_cp(),
         }
     report["run"] = run
     return report
@@ -209,7 +210,7 @@ def checkpoint_report(spec: str) -> dict:
 
 def _plain_metrics(record: dict) -> dict:
     keep = ("iteration", "test_acc", "train_loss", "effective_macs", "cost_vs_fp32", "cost_vs_sbm", "turning_points", "stage")
-    return {k: record.get(k) for k in keep + (("test_ppl",) if "test_ppl" in record else ())}  # test_ppl: language models
+    return {**{k: record.get(k) for k in keep}, **{k: record[k] for k in ("test_ppl",) if k in record}}  # test_ppl: language models
 
 
 def render_run(report: dict) -> list:
@@ -224,10 +225,7 @@ def render_run(report: dict) -> list:
     table.add_column("value", justify="right")
     last = run["last_metrics"]
     if last:
-        if "test_ppl" in last:  # a language model (fracfx.train.text)
-            table.add_row("validation perplexity at the last evaluation", f"{last['test_ppl']:.3f}")
-        else:
-            table.add_row("test accuracy at the last evaluation", f"{last['test_acc']:.2f} %")
+        table.add_row(*run["score"])  # the task's own score: test accuracy, or a language model's perplexity
         table.add_row("effective MACs so far", f"{last['effective_macs']:.4g}")
         table.add_row("vs FP32 / static 8-bit training", f"{100 * last['cost_vs_fp32']:.2f} % / {100 * last['cost_vs_sbm']:.2f} %")
     dfq = run.get("dfq")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from fracfx.cli.flags import add_flag
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("report", help="plot training runs: loss, accuracy, precision and cumulative cost vs iteration")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `fracfx train --save_folder` (several overlay)")
-    parser.add_argument("-o", "--output", default=None, help="PNG path (default RUN_DIR/report.png of the first run)")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `fracfx train --save-folder` (several overlay)")
+    add_flag(parser, "-o", "--output", default=None, help="PNG path (default RUN_DIR/report.png of the first run)")
     parser.set_defaults(func=run)
 
 

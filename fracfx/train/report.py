@@ -3,7 +3,7 @@
     plot_runs(["runs/fp32", "runs/static8", "runs/pfq"], "runs/report.png")
 
 Four panels against iteration: training loss and test loss; test accuracy (language models,
-fracfx.train.text: validation perplexity); precision (forward and gradient bits, with PFQ
+fracfx.train.tasks: validation perplexity); precision (forward and gradient bits, with PFQ
 turning points marked); cumulative effective MACs, with the static 8-bit and FP32 cumulative
 costs of the same run as reference lines. Several runs overlay, one
 colour each. Each dfq/fractrain run adds a row: its cp against the set-point over iterations
@@ -39,7 +39,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     path = Path(run_dir)
     metrics_path = path / METRICS
     if not metrics_path.is_file():
-        raise FracfxError(f"{path} has no {METRICS}; point `fracfx report` at a folder that `fracfx train --save_folder` wrote")
+        raise FracfxError(f"{path} has no {METRICS}; point `fracfx report` at a folder that `fracfx train --save-folder` wrote")
     metrics = []
     for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -66,16 +66,17 @@ def _read_json(path: Path) -> dict:
 
 def _label(path: Path, config: dict) -> str:
     method = config.get("method")
+    # the method's settings: config["options"] (config version 2); top-level keys in version 1 run folders
+    option = {**config, **(config.get("options") or {})}.get
     if method == "static":
-        return f"{path.name} (static A{config.get('act_bits')}/W{config.get('weight_bits')}/G{config.get('grad_bits')})"
+        return f"{path.name} (static A{option('act_bits')}/W{option('weight_bits')}/G{option('grad_bits')})"
     if method == "pfq":
-        fw = ",".join(map(str, config.get("num_bits_schedule", [])))
-        bw = ",".join(map(str, config.get("num_grad_bits_schedule", [])))
+        fw = ",".join(map(str, option("num_bits_schedule") or []))
+        bw = ",".join(map(str, option("num_grad_bits_schedule") or []))
         return f"{path.name} (pfq FW {fw} / BW {bw})"
     if method in DFQ_METHODS:
-        options = config.get("options", {})
-        step = f" +{options.get('target_ratio_step')}/plateau" if method == "fractrain" else ""
-        return f"{path.name} ({method} W{config.get('weight_bits')} cp target {options.get('target_ratio')}{step})"
+        step = f" +{option('target_ratio_step')}/plateau" if method == "fractrain" else ""
+        return f"{path.name} ({method} W{option('weight_bits')} cp target {option('target_ratio')}{step})"
     return f"{path.name} ({method})" if method else path.name
 
 

@@ -1,9 +1,9 @@
 """Must-show: a run killed with SIGKILL and resumed ends exactly like an uninterrupted run.
 
-Two `python -m fracfx train` subprocesses start together with the same seed: one runs to the
-end, the other SIGKILLs itself (hidden --crash_after flag: os.kill(SIGKILL) right after that
-iteration's optimizer step, so no cleanup code runs and the iterations since the last
-checkpoint are lost, as in a real crash). The crashed run is then resumed with --resume. Its
+Two `fracfx train` subprocesses start together with the same seed: one runs to the end, the
+other is SIGKILLed right after an iteration's optimizer step (tests/train/killed.py), so no
+cleanup code runs and the iterations since the last checkpoint are lost, as in a real crash.
+The crashed run is then resumed with --resume. Its
 final weights, optimizer state, PFQ indicator state and metrics must equal the uninterrupted
 run's exactly (torch.equal on every tensor; identical metrics lines except the timing field).
 
@@ -30,22 +30,25 @@ import torch
 from fracfx.runtime.checkpoint import load_checkpoint
 from fracfx.train import TIMING_KEY
 
+REPO = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = pytest.mark.skipif(not FASHION.exists(), reason="needs `apt-get install dataset-fashion-mnist`")
 
 ARGS = [
-    "--method", "pfq", "--arch", "cifar_resnet20", "--train_subset", "320", "--test_subset", "96",
-    "--batch_size", "16", "--iters", "40", "--eval_every", "8", "--window", "2", "--initial_threshold", "10",
-    "--seed", "3", "--threads", "1", "--no_progress",
+    "--method", "pfq", "--arch", "cifar_resnet20", "--train-subset", "320", "--test-subset", "96",
+    "--batch-size", "16", "--iters", "40", "--eval-every", "8", "--window", "2", "--initial-threshold", "10",
+    "--seed", "3", "--threads", "1", "--no-progress",
 ]
 CRASH_AT = 19
 
 
-def _launch(folder: Path, *extra: str, args: list[str] = ARGS) -> subprocess.Popen:
+def _launch(folder: Path, *extra: str, args: list[str] = ARGS, killed_after: int | None = None) -> subprocess.Popen:
+    """`fracfx train ARGS --save-folder FOLDER EXTRA` in a subprocess; SIGKILLed after iteration `killed_after`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    program = ["fracfx"] if killed_after is None else ["tests.train.killed", str(killed_after), "0"]
     return subprocess.Popen(
-        [sys.executable, "-m", "fracfx", "train", *args, "--save_folder", str(folder), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [sys.executable, "-m", *program, "train", *args, "--save-folder", str(folder), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
     )
 
 
@@ -79,7 +82,7 @@ def _assert_same_tree(a, b, where: str = "checkpoint") -> None:
 
 def test_sigkilled_run_resumes_to_identical_weights_and_metrics(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    runs = [_launch(straight), _launch(crashed, "--crash_after", str(CRASH_AT))]
+    runs = [_launch(straight), _launch(crashed, killed_after=CRASH_AT)]
     (straight_rc, straight_out), (crash_rc, crash_out) = [_finish(p) for p in runs]
     assert straight_rc == 0, straight_out
     assert crash_rc == -signal.SIGKILL, crash_out

@@ -2,8 +2,8 @@
 
 Must-show (slow, each launches torchrun):
 - agreement: 2 ranks and 1 process at the same global batch (16) end with the same weights.
-  Stochastic rounding is off (--no_stochastic_grad) and the batch statistics are global
-  (--sync_ranges: quantizer min/max; --sync_bn: BatchNorm). Tolerances, relative to the largest
+  Stochastic rounding is off (--no-stochastic-grad) and the batch statistics are global
+  (--sync-ranges: quantizer min/max; --sync-bn: BatchNorm). Tolerances, relative to the largest
   parameter: 1e-5 for PFQ (6 -> 8 bits, a model without BatchNorm) and 2e-5 for FP32 with
   BatchNorm. That is float32 round-off compounding over 8 SGD steps at lr 0.1: the per-batch
   sums are reassociated (two half-batch sums plus an all_reduce), ~1e-7 relative per step,
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from fracfx.bench.timing import free_port
 from fracfx.data import EpochBatchSampler, rank_shard
 from fracfx.errors import CheckpointError, ConfigError
 from fracfx.runtime.checkpoint import load_checkpoint, save_checkpoint
-from fracfx.train import TIMING_KEY, TrainConfig, _open_run, train
-from tests.train.test_resume import _assert_same_tree
+from fracfx.train import TIMING_KEY, TrainConfig, train
+from fracfx.train.checkpointing import open_run
+from tests.train.test_checkpointing import _assert_same_tree
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="needs `apt-get install dataset-fashion-mnist`")
@@ -47,32 +47,25 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT_S = 300  # one torchrun launch; a hang fails the test instead of CI
 
 
-def plain_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """tests.train.test_train.tiny_cnn without BatchNorm."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
-    )
+COMMON = ["--train-subset", "96", "--test-subset", "40", "--batch-size", "16", "--seed", "1", "--threads", "1", "--no-progress"]
+PFQ = ["--method", "pfq", "--arch", "tests.train.nets:plain_cnn", "--iters", "8", "--eval-every", "4", "--window", "1",
+       "--initial-threshold", "10", "--num-turning-point", "1", "--num-bits-schedule", "6", "8", "--num-grad-bits-schedule", "8", "8",
+       "--no-stochastic-grad"]
+FP32_BN = ["--method", "fp32", "--arch", "tests.train.nets:tiny_cnn", "--iters", "8", "--eval-every", "4"]
+RESUME = ["--method", "pfq", "--arch", "tests.train.nets:tiny_cnn", "--iters", "12", "--eval-every", "4", "--window", "1",
+          "--initial-threshold", "10"]  # stochastic rounding on, per-rank statistics: the default data-parallel run
+SYNC = ["--sync-bn", "--sync-ranges"]
 
 
-COMMON = ["--train_subset", "96", "--test_subset", "40", "--batch_size", "16", "--seed", "1", "--threads", "1", "--no_progress"]
-PFQ = ["--method", "pfq", "--arch", "tests.train.test_ddp:plain_cnn", "--iters", "8", "--eval_every", "4", "--window", "1",
-       "--initial_threshold", "10", "--num_turning_point", "1", "--num_bits_schedule", "6", "8", "--num_grad_bits_schedule", "8", "8",
-       "--no_stochastic_grad"]
-FP32_BN = ["--method", "fp32", "--arch", "tests.train.test_train:tiny_cnn", "--iters", "8", "--eval_every", "4"]
-RESUME = ["--method", "pfq", "--arch", "tests.train.test_train:tiny_cnn", "--iters", "12", "--eval_every", "4", "--window", "1",
-          "--initial_threshold", "10"]  # stochastic rounding on, per-rank statistics: the default data-parallel run
-SYNC = ["--sync_bn", "--sync_ranges"]
-
-
-def torchrun(folder: Path, *args: str, restarts: int = 0) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m fracfx train ...` on 127.0.0.1 and a free port (c10d rendezvous with restarts)."""
+def torchrun(folder: Path, *args: str, restarts: int = 0, killed_after: int | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m fracfx train ...` on 127.0.0.1 and a free port (c10d rendezvous with restarts);
+    with killed_after, rank 1 is SIGKILLed after that iteration in the first attempt (tests/train/killed.py)."""
     port = free_port()
     rendezvous = (["--max-restarts", str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"] if restarts
                   else ["--master_addr", "127.0.0.1", "--master_port", str(port)])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *rendezvous,
-               "-m", "fracfx", "train", *args, "--save_folder", str(folder)]
+               "-m", *(["fracfx"] if killed_after is None else ["tests.train.killed", str(killed_after), "1"]),
+               "train", *args, "--save-folder", str(folder)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     if restarts:  # torch 2.14's shared rendezvous store can hand restarted ranks the old attempt's peers (pytorch#135712)
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -84,7 +77,7 @@ def single(folder: Path, *args: str) -> dict:
     from fracfx.cli.train import config_from_args
     from fracfx.cli import build_parser
 
-    parsed = build_parser().parse_args(["train", *args, "--save_folder", str(folder)])
+    parsed = build_parser().parse_args(["train", *args, "--save-folder", str(folder)])
     train(config_from_args(parsed), progress=False, console=_quiet())
     return load_checkpoint(folder / "checkpoint.pt")
 
@@ -173,7 +166,7 @@ def _assert_same_run(a: dict, b: dict, a_folder: Path, b_folder: Path) -> None:
 def test_killed_rank_ends_the_run_clearly_and_resume_loses_nothing(straight_run, tmp_path):
     straight, straight_folder = straight_run
     folder = tmp_path / "crashed"
-    crashed = torchrun(folder, *RESUME, *COMMON, "--crash_after", "6", "--crash_rank", "1")
+    crashed = torchrun(folder, *RESUME, *COMMON, killed_after=6)
     assert crashed.returncode != 0
     output = crashed.stdout + crashed.stderr
     assert f"-{int(signal.SIGKILL)} " in output or "SIGKILL" in output  # torchrun names the rank that died
@@ -185,7 +178,7 @@ def test_killed_rank_ends_the_run_clearly_and_resume_loses_nothing(straight_run,
     interrupted = load_checkpoint(folder / "checkpoint.pt")
     assert interrupted["iteration"] == 4 and not interrupted["finished"]
 
-    _ok(torchrun(folder, "--resume", str(folder), "--threads", "1", "--no_progress"))
+    _ok(torchrun(folder, "--resume", str(folder), "--threads", "1", "--no-progress"))
     resumed = load_checkpoint(folder / "checkpoint.pt")
     assert resumed["finished"] and resumed["metrics"][-1]["turning_points"] == [5, 10]
     _assert_same_run(straight, resumed, straight_folder, folder)
@@ -196,7 +189,7 @@ def test_killed_rank_ends_the_run_clearly_and_resume_loses_nothing(straight_run,
 def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(straight_run, tmp_path):
     straight, straight_folder = straight_run
     folder = tmp_path / "elastic"
-    done = torchrun(folder, *RESUME, *COMMON, "--crash_after", "6", "--crash_rank", "1", restarts=1)
+    done = torchrun(folder, *RESUME, *COMMON, restarts=1, killed_after=6)
     _ok(done)
     assert "torchrun restart 1: resuming" in done.stdout
     _assert_same_run(straight, load_checkpoint(folder / "checkpoint.pt"), straight_folder, folder)
@@ -236,7 +229,7 @@ def test_flags_reach_the_config_and_are_validated():
     from fracfx.cli import build_parser
     from fracfx.cli.train import config_from_args
 
-    args = build_parser().parse_args(["train", "--sync_bn", "--sync-ranges", "--no_stochastic_grad"])
+    args = build_parser().parse_args(["train", "--sync-bn", "--sync-ranges", "--no-stochastic-grad"])
     config = config_from_args(args)
     assert (config.sync_bn, config.sync_ranges, config.stochastic_grad) == (True, True, False)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -248,12 +241,12 @@ def test_flags_reach_the_config_and_are_validated():
 
 @needs_fashion
 def test_resume_rules_for_data_parallel_checkpoints(tmp_path):
-    config = TrainConfig(method="static", arch="tests.train.test_train:tiny_cnn", train_subset=32, test_subset=16, batch_size=16,
+    config = TrainConfig(method="static", arch="tests.train.nets:tiny_cnn", train_subset=32, test_subset=16, batch_size=16,
                          iters=2, eval_every=2, save_folder=str(tmp_path / "run"))
     train(config, progress=False, console=_quiet())
     with pytest.raises(ConfigError, match="already holds a run"):
-        _open_run(config, None)
-    resumed_config, run_dir, state = _open_run(config, None, restart_count=1)  # torchrun restarted the job: resume it
+        open_run(config, None)
+    resumed_config, run_dir, state = open_run(config, None, restart_count=1)  # torchrun restarted the job: resume it
     assert run_dir == tmp_path / "run" and state["iteration"] == 2 and resumed_config == config
 
     path = tmp_path / "run" / "checkpoint.pt"

@@ -1,4 +1,4 @@
-"""`fracfx train` on text (fracfx/train/text.py): transformer_lm with each method, perplexity
+"""`fracfx train` on text (fracfx/train/tasks.py, LanguageModelTask): transformer_lm with each method, perplexity
 recomputed from the saved model, per-sequence cost, exact resume after an interruption (in
 process) and after SIGKILL (slow), arch/dataset pairing errors, the CLI flags, `fracfx report`
 and `fracfx inspect`.
@@ -28,7 +28,7 @@ from fracfx.errors import ConfigError, FracfxError
 from fracfx.runtime.checkpoint import load_checkpoint
 from fracfx.data.text import load_corpus
 from fracfx.train import TIMING_KEY, TrainConfig, load_trained, read_metrics, train
-from tests.train.test_resume import _assert_same_tree, _finish, _launch, _metrics
+from tests.train.test_checkpointing import _assert_same_tree, _finish, _launch, _metrics
 
 CONTEXT, D_MODEL, HEADS, BATCH = 8, 16, 2, 4
 METHODS = ["fp32", "static", "pfq", "dfq", "fractrain"]
@@ -53,9 +53,11 @@ def _quiet() -> Console:
 def _config(folder, wiki, method: str, **changes) -> TrainConfig:
     base = dict(
         method=method, arch="transformer_lm", dataset="wikitext103", datadir=str(wiki), context=CONTEXT, d_model=D_MODEL,
-        n_layers=1, n_heads=HEADS, batch_size=BATCH, train_subset=24, iters=6, eval_every=3, window=1, initial_threshold=100.0,
+        n_layers=1, n_heads=HEADS, batch_size=BATCH, train_subset=24, iters=6, eval_every=3, window=1,
         optimizer="adam", lr=3e-2, save_folder=str(folder / method), seed=1,
     )
+    if method in ("pfq", "fractrain"):
+        base["initial_threshold"] = 100.0
     return TrainConfig(**{**base, **changes})
 
 
@@ -126,21 +128,21 @@ RESUME = dict(train_subset=10, iters=12, initial_threshold=10.0, lr=1e-2, seed=3
 
 
 def test_interrupted_lm_run_resumes_to_identical_weights_and_metrics(tmp_path, wiki, monkeypatch):
-    from fracfx.train import _Session
+    from fracfx.train.session import Session
 
     straight, crashed = _config(tmp_path / "straight", wiki, "fractrain", **RESUME), _config(tmp_path / "crashed", wiki, "fractrain", **RESUME)
     train(straight, progress=False, console=_quiet())
-    step = _Session.step
+    step = Session.step
 
     def interrupted(self, *args):
         if self.iteration == 7:
             raise KeyboardInterrupt  # Ctrl-C in the middle of iteration 8
         return step(self, *args)
 
-    monkeypatch.setattr(_Session, "step", interrupted)
+    monkeypatch.setattr(Session, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(crashed, progress=False, console=_quiet())
-    monkeypatch.setattr(_Session, "step", step)
+    monkeypatch.setattr(Session, "step", step)
     assert load_checkpoint(f"{crashed.save_folder}/checkpoint.pt")["iteration"] == 6
     train(None, resume=crashed.save_folder, progress=False, console=_quiet())
     _assert_same_runs(tmp_path / "straight" / "fractrain", tmp_path / "crashed" / "fractrain")
@@ -151,12 +153,12 @@ def test_sigkilled_lm_run_resumes_to_identical_weights_and_metrics(tmp_path, wik
     """As tests/train/test_resume.py (its helpers), in `python -m fracfx train` processes; SIGKILL after iteration 7."""
     c = RESUME
     args = ["--method", "fractrain", "--arch", "transformer_lm", "--dataset", "wikitext103", "--datadir", str(wiki),
-            "--context", str(CONTEXT), "--d-model", str(D_MODEL), "--n_layers", "1", "--n-heads", str(HEADS),
-            "--batch_size", str(BATCH), "--train_subset", str(c["train_subset"]), "--iters", str(c["iters"]), "--eval_every", "3",
-            "--window", "1", "--initial_threshold", str(c["initial_threshold"]), "--optimizer", "adam", "--lr", str(c["lr"]),
-            "--seed", str(c["seed"]), "--threads", "1", "--no_progress"]
+            "--context", str(CONTEXT), "--d-model", str(D_MODEL), "--n-layers", "1", "--n-heads", str(HEADS),
+            "--batch-size", str(BATCH), "--train-subset", str(c["train_subset"]), "--iters", str(c["iters"]), "--eval-every", "3",
+            "--window", "1", "--initial-threshold", str(c["initial_threshold"]), "--optimizer", "adam", "--lr", str(c["lr"]),
+            "--seed", str(c["seed"]), "--threads", "1", "--no-progress"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    runs = [_launch(straight, args=args), _launch(crashed, "--crash_after", "7", args=args)]
+    runs = [_launch(straight, args=args), _launch(crashed, args=args, killed_after=7)]
     (straight_rc, straight_out), (crash_rc, crash_out) = [_finish(p) for p in runs]
     assert straight_rc == 0, straight_out
     assert crash_rc == -signal.SIGKILL, crash_out
@@ -173,7 +175,7 @@ def test_arch_and_dataset_must_fit():
         TrainConfig(dataset="kjv")  # cifar_resnet38
     with pytest.raises(ConfigError, match="is an image model"):
         TrainConfig(dataset="wikitext103", arch="resnet18")
-    with pytest.raises(ConfigError, match="--context, --n_heads size a language model"):
+    with pytest.raises(ConfigError, match="--context, --n-heads size a language model"):
         TrainConfig(context=64, n_heads=2)
     with pytest.raises(ConfigError, match="d_model must be a positive int"):
         TrainConfig(arch="transformer_lm", dataset="kjv", d_model=0)
@@ -190,10 +192,10 @@ def test_cli_flags_and_error(capsys):
     from fracfx.cli.train import config_from_args
 
     args = build_parser().parse_args(["train", "--arch", "transformer_lm", "--dataset", "kjv", "--context", "64", "--d-model", "32",
-                                      "--n_layers", "3", "--n-heads", "8", "--optimizer", "adam"])
+                                      "--n-layers", "3", "--n-heads", "8", "--optimizer", "adam"])
     config = config_from_args(args)
     assert (config.context, config.d_model, config.n_layers, config.n_heads, config.optimizer) == (64, 32, 3, 8, "adam")
-    assert main(["train", "--arch", "transformer_lm", "--dataset", "cifar10", "--save_folder", "unused"]) == 2
+    assert main(["train", "--arch", "transformer_lm", "--dataset", "cifar10", "--save-folder", "unused"]) == 2
     assert "language model over token ids" in capsys.readouterr().err
 
 

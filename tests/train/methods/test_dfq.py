@@ -1,4 +1,4 @@
-"""dfq and fractrain recipes (fracfx/train/dfq.py): options, a tiny run of each, the DFQ cost
+"""dfq and fractrain recipes (fracfx/train/methods/dfq.py, fractrain.py): options, a tiny run of each, the DFQ cost
 meter against an independent count, exact resume after SIGKILL, report panels, and inspect /
 export / model_from_checkpoint on their checkpoints (blocks pinned by passes/pin_candidates).
 
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,8 @@ from fracfx.errors import ConfigError
 from fracfx.models import build_model
 from fracfx.runtime.checkpoint import load_checkpoint
 from fracfx.train import TIMING_KEY, TrainConfig, load_trained, model_from_checkpoint, read_metrics, train
+from tests.train.test_checkpointing import _finish
+from tests.train.test_checkpointing import _launch as launch
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="needs `apt-get install dataset-fashion-mnist`")
@@ -40,8 +40,10 @@ def _quiet() -> Console:
 def _config(tmp_path, method: str, **changes) -> TrainConfig:
     base = dict(
         method=method, arch="cifar_resnet20", train_subset=96, test_subset=32, batch_size=16, iters=6, eval_every=3,
-        window=1, initial_threshold=100.0, save_folder=str(tmp_path / method), seed=1,
+        window=1, save_folder=str(tmp_path / method), seed=1,
     )
+    if method == "fractrain":
+        base["initial_threshold"] = 100.0
     return TrainConfig(**{**base, **changes})
 
 
@@ -58,13 +60,14 @@ def dfq_run(tmp_path_factory):
 
 
 def test_options_defaults_and_validation():
-    from fracfx.train.dfq import parse_candidates
+    from fracfx.train.methods.dfq import parse_candidates
 
     dfq, frac = TrainConfig(method="dfq"), TrainConfig(method="fractrain")
-    assert dfq.weight_bits == frac.weight_bits == 4  # the methods' default weight precision
-    assert TrainConfig(method="static").weight_bits == 8 and TrainConfig(method="dfq", weight_bits=6).weight_bits == 6
-    assert dfq.options == {"target_ratio": 3.0, "beta": 1e-3, "candidates": "3:6,4:6,4:8,6:8,6:12", "relax": 0.0}
-    assert frac.options["target_ratio"] == 1.5 and frac.options["target_ratio_step"] == 0.5
+    assert dfq.options["weight_bits"] == frac.options["weight_bits"] == 4  # the methods' default weight precision
+    assert TrainConfig(method="static").options["weight_bits"] == 8 and TrainConfig(method="dfq", weight_bits=6).options["weight_bits"] == 6
+    assert dfq.options == {"target_ratio": 3.0, "beta": 1e-3, "candidates": "3:6,4:6,4:8,6:8,6:12", "relax": 0.0,
+                           "act_bits": 8, "weight_bits": 4, "grad_bits": 8}
+    assert frac.options["target_ratio"] == 1.5 and frac.options["target_ratio_step"] == 0.5 and frac.options["num_turning_point"] == 3
     assert parse_candidates(" 3:6, 4:8,SKIP,fp32") == ((3, 6), (4, 8), "skip", "fp32")
     assert TrainConfig(method="dfq", options={"candidates": "4:8, skip"}).options["candidates"] == "4:8,skip"
     assert TrainConfig.from_dict(json.loads(json.dumps(frac.to_dict()))) == frac
@@ -83,14 +86,15 @@ def test_cli_flags_are_shared_between_dfq_and_fractrain():
     from fracfx.cli.train import config_from_args
 
     parser = build_parser()
-    config = config_from_args(parser.parse_args(["train", "--method", "fractrain", "--target_ratio", "2", "--target-ratio-step", "1",
+    config = config_from_args(parser.parse_args(["train", "--method", "fractrain", "--target-ratio", "2", "--target-ratio-step", "1",
                                                  "--candidates", "3:6,skip", "--window", "5"]))
-    assert config.options == {"target_ratio": 2.0, "target_ratio_step": 1.0, "beta": 1e-3, "candidates": "3:6,skip", "relax": 0.0}
-    assert config.window == 5 and config.weight_bits == 4
-    config = config_from_args(parser.parse_args(["train", "--method", "dfq", "--weight_bits", "6", "--beta", "0.01"]))
-    assert config.weight_bits == 6 and config.options["beta"] == 0.01 and config.options["target_ratio"] == 3.0
+    assert {k: config.options[k] for k in ("target_ratio", "target_ratio_step", "beta", "candidates", "relax", "weight_bits")} == {
+        "target_ratio": 2.0, "target_ratio_step": 1.0, "beta": 1e-3, "candidates": "3:6,skip", "relax": 0.0, "weight_bits": 4}
+    assert config.window == 5
+    config = config_from_args(parser.parse_args(["train", "--method", "dfq", "--weight-bits", "6", "--beta", "0.01"]))
+    assert config.options["weight_bits"] == 6 and config.options["beta"] == 0.01 and config.options["target_ratio"] == 3.0
     with pytest.raises(ConfigError, match="belongs to another method"):
-        config_from_args(parser.parse_args(["train", "--method", "dfq", "--target_ratio_step", "1"]))
+        config_from_args(parser.parse_args(["train", "--method", "dfq", "--target-ratio-step", "1"]))
     with pytest.raises(ConfigError, match="belongs to another method"):
         config_from_args(parser.parse_args(["train", "--method", "static", "--beta", "1"]))
 
@@ -178,9 +182,10 @@ def test_dfq_run_writes_its_state_and_meters_each_samples_candidate(dfq_run):
     assert all(sum(counts.values()) == 3 * 16 for counts in state["usage"].values())  # 3 iterations of 16 since the last eval
     assert all(sum(counts.values()) == 32 for counts in state["eval_usage"].values())  # the 32 test samples
     assert [p[0] for p in state["cp_trace"]] == [4, 5, 6]  # window = 1: one point per iteration
-    from fracfx.train import _eval_line
+    from fracfx.train.display import eval_line
+    from fracfx.train.tasks import ImageTask
 
-    assert f"cp {state['cp']:.3f}% (set-point 3)" in _eval_line(metrics[-1])
+    assert f"cp {state['cp']:.3f}% (set-point 3)" in eval_line(metrics[-1], ImageTask(None))
 
     # Independent count: per-block MACs from hooks on the float model, bit-ops by the formula,
     # times how many samples used each candidate over the whole run (the controller's counts).
@@ -243,24 +248,15 @@ def test_dfq_cost_meter_prices_the_masks_of_the_last_forward():
 # --- resume ------------------------------------------------------------------------------------
 
 RESUME_ARGS = [
-    "--arch", "cifar_resnet20", "--train_subset", "320", "--test_subset", "48", "--batch_size", "16", "--iters", "24",
-    "--eval_every", "8", "--window", "2", "--initial_threshold", "10", "--seed", "3", "--threads", "1", "--no_progress",
+    "--arch", "cifar_resnet20", "--train-subset", "320", "--test-subset", "48", "--batch-size", "16", "--iters", "24",
+    "--eval-every", "8", "--window", "2", "--seed", "3", "--threads", "1", "--no-progress",
     "--candidates", "3:6,4:8,6:12,skip", "--beta", "0.05",
 ]
 CRASH_AT = 19
 
 
-def _launch(folder: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    return subprocess.Popen(
-        [sys.executable, "-m", "fracfx", "train", *RESUME_ARGS, "--save_folder", str(folder), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-
-
-def _finish(process: subprocess.Popen) -> tuple[int, str]:
-    output, _ = process.communicate(timeout=300)
-    return process.returncode, output
+def _launch(folder: Path, *extra: str, killed_after: int | None = None) -> subprocess.Popen:
+    return launch(folder, *extra, args=RESUME_ARGS, killed_after=killed_after)
 
 
 def _same_tree(a, b, where: str) -> None:
@@ -290,8 +286,8 @@ def _metrics(folder: Path) -> list[dict]:
 @pytest.mark.parametrize("method", ["dfq", "fractrain"])
 def test_sigkilled_run_resumes_to_identical_weights_controller_scheduler_and_metrics(tmp_path, method):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    extra = ("--method", method, "--target_ratio", "1.5" if method == "fractrain" else "2.6")
-    runs = [_launch(straight, *extra), _launch(crashed, *extra, "--crash_after", str(CRASH_AT))]
+    extra = ("--method", method, "--target-ratio", "1.5", "--initial-threshold", "10") if method == "fractrain" else ("--method", method, "--target-ratio", "2.6")
+    runs = [_launch(straight, *extra), _launch(crashed, *extra, killed_after=CRASH_AT)]
     (rc, out), (crash_rc, crash_out) = [_finish(p) for p in runs]
     assert rc == 0, out
     assert crash_rc == -signal.SIGKILL, crash_out
@@ -352,7 +348,7 @@ def test_inspect_shows_the_pinned_model_and_usage_per_block(dfq_run, capsys):
     report = json.loads(capsys.readouterr().out)
     dfq = report["run"]["dfq"]
     loaded = load_trained(dfq_run.run_dir)
-    assert dfq["pinned"] == loaded.method.pinned_candidates() and set(dfq["pinned"]) == set(dfq["train_usage"])
+    assert dfq["pinned"] == loaded.recipe.schedulers["tracking"].pinned_candidates() and set(dfq["pinned"]) == set(dfq["train_usage"])
     for block, counts in dfq["eval_usage"].items():  # pinned = the test set's most used choice
         assert dfq["pinned"][block] == dfq["candidates"][counts.index(max(counts))]
     gated = [row for row in report["ops"] if row["module_path"].startswith("layer")]
@@ -376,11 +372,11 @@ def test_export_from_a_dfq_checkpoint_pins_each_block(dfq_run, tmp_path, capsys)
     # the pinned model is the DFQ model for samples whose gates choose the pinned candidates
     loaded = load_trained(dfq_run.run_dir)
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    usage, blocks = loaded.recipe.schedulers["tracking"], loaded.recipe.state["controller"].blocks
     with torch.no_grad():
         reference = loaded.model(x)
-        choices = [b.choice.last_choice for b in loaded.method.controller.blocks]
-        pinned = loaded.method.pinned_candidates()
-        same = torch.stack([c == loaded.method.labels.index(pinned[b.name]) for c, b in zip(choices, loaded.method.controller.blocks)]).all(0)
+        pinned = usage.pinned_candidates()
+        same = torch.stack([b.choice.last_choice == usage.labels.index(pinned[b.name]) for b in blocks]).all(0)
         assert same.any()
         assert torch.equal(gm(x)[same], reference[same])
 
@@ -400,7 +396,7 @@ def test_model_from_checkpoint_of_static_and_fp32_runs(tmp_path):
     from fracfx.export import freeze
 
     for method in ("static", "fp32"):
-        result = train(_config(tmp_path, method, arch="tests.train.test_train:tiny_cnn", iters=3), progress=False, console=_quiet())
+        result = train(_config(tmp_path, method, arch="tests.train.nets:tiny_cnn", iters=3), progress=False, console=_quiet())
         gm, example = model_from_checkpoint(result.run_dir)
         x = torch.randn(4, 1, 28, 28)
         with torch.no_grad():
