@@ -28,7 +28,7 @@ from torch import nn
 from fracfx.errors import ConfigError
 from fracfx.nn.gates import CandidateTable, choice_of
 from fracfx.nn.quantizers import GradQuant
-from fracfx.nn.quant import GradQuantFn, qmax_of, scale_of, tensor_range
+from fracfx.nn.quant import GradQuantFn, qmax_of, quantize, scale_of, tensor_range
 
 _NO_STATIC_BITS = (
     "a DFQ quantizer has per-sample bits, not one bit width; read the cost of a DFQ model from "
@@ -50,13 +50,8 @@ class MixedFakeQuantFn(torch.autograd.Function):
         # each candidate's scale as the static quantizer computes it, then one pass over x:
         # every element sees the same arithmetic as fake_quant at its sample's bits (bit-exact)
         scales = torch.stack([scale_of(rng, qmax_of(b)) if b else torch.ones_like(rng) for b in bits])
-        s = _rows(scales[choice], x)
-        unquantized = qmax == 0
-        top = _rows(torch.where(unquantized, torch.ones_like(qmax), qmax).to(x.dtype), x)
-        # one-sided clamps: a two-sided tensor clamp is ~50x slower on CPU, same result
-        out = (x - lo).div_(s).clamp_min_(0).clamp_max_(top).round_().mul_(s).add_(lo)
-        if not all(bits):  # "fp32" and "skip" samples keep their input
-            out = torch.where(_rows(unquantized, x), x, out)
+        # per row: the sample's step and qmax; qmax 0 ("fp32", "skip") keeps the sample's input
+        out = quantize(x, lo, scales[choice], qmax)
         ctx.bits, ctx.batch_range = bits, batch_range
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(x, lo, rng)
@@ -130,7 +125,7 @@ class MixedActQuant(nn.Module):
 class MixedGradQuant(GradQuant):
     """Output-gradient quantizer at each sample's chosen gradient bits (stochastic rounding).
 
-    A GradQuant for seeding and checkpointing its rounding generator; its `bits` buffer is unused.
+    A GradQuant for seeding and checkpointing its rounding noise (seed, counter); its `bits` buffer is unused.
     """
 
     def __init__(self, table: CandidateTable, stochastic: bool = True, seed: int = 0):
@@ -144,11 +139,11 @@ class MixedGradQuant(GradQuant):
         raise ConfigError(_NO_STATIC_BITS)
 
     def forward(self, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not y.requires_grad:
+        if not (y.requires_grad and torch.is_grad_enabled()):
             return y
         choice = choice_of(mask)
         sample_qmax = self.candidate_qmax[choice]
-        return GradQuantFn.apply(y, 0, self.generator_for(y.device), self.stochastic, sample_qmax, choice, self.copy_output,
+        return GradQuantFn.apply(y, 0, self._next_counter(), self._seed, self.stochastic, sample_qmax, choice, self.copy_output,
                                  self.range_sync, len(self.candidate_qmax))
 
     def extra_repr(self) -> str:

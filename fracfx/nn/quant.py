@@ -5,14 +5,38 @@ stochastic:   the same with uniform noise u in [-0.5, 0.5) added to (x - lo) / s
 
 Everything is FP32 and dequantized. `lo`, `rng` and `qmax` broadcast against x, so the same code
 serves per-tensor, per-output-channel and (for DFQ) per-sample parameters.
+
+Two implementations of every quantizer, with identical results: the fused C++ kernels of
+fracfx.nn.kernels (CPU float32: one pass for the range, one for the quantization, the rounding
+noise generated inside it) and the eager torch code here, which is the reference, the path for
+other devices and dtypes, and the fallback where the kernels cannot be built (a warning says so
+once). The rounding noise is counter based (Philox4x32-10, fracfx/nn/kernels/philox.py): a pure
+function of (seed, counter, element index), so it does not depend on threads, chunking or device,
+and a checkpoint restores it with the counter. docs/kernels.md has the design.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fracfx.nn import kernels
+from fracfx.nn.kernels import philox
+
 MIN_SCALE = 1e-8
-_NOISE_STEPS = 65536  # CPU rounding noise has 16-bit resolution (see rounding_noise)
+_NOISE_STEPS = philox.NOISE_STEPS  # rounding noise has 16-bit resolution (see rounding_noise)
+_fused: bool | None = None  # kernels.available(), read once (kept out of torch.compile's trace)
+
+
+def fused_kernels_enabled() -> bool:
+    """True if the fused C++ quantizer kernels are in use (builds/loads them on the first call)."""
+    global _fused
+    if _fused is None:
+        _fused = kernels.available()
+    return _fused
+
+
+def _fused_for(x: torch.Tensor) -> bool:
+    return (_fused if _fused is not None else fused_kernels_enabled()) and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 def qmax_of(bits: int) -> int:
@@ -76,33 +100,64 @@ def grid_of(lo: torch.Tensor, rng: torch.Tensor, bits: int, integer_zero_point: 
     return -(zero_point.to(scale.dtype) * scale), scale
 
 
-def rounding_noise(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Uniform noise in (-0.5, 0.5) for stochastic rounding, drawn from `generator`.
+def rounding_noise(shape, counter: torch.Tensor, seed: int) -> torch.Tensor:
+    """Uniform noise in (-0.5, 0.5) for stochastic rounding: Philox4x32-10 of (seed, counter, index).
 
-    On CPU, torch.rand costs ~5 ns per element (one Mersenne-Twister draw each), which alone would
-    add ~25 % to a ResNet training step. Instead one 64-bit draw is split into four 16-bit
-    integers k in [-32768, 32767] and mapped to (k + 0.5) / 65536: exactly symmetric around 0, so
-    the rounding stays unbiased, at 1/65536 of a quantization step resolution, ~2.5x faster.
-    On other devices torch.rand (Philox, already fast) is used.
+    16-bit resolution: u = (k + 0.5) / 65536 for k in [-32768, 32767], exactly symmetric around 0,
+    so the rounding stays unbiased. Element i of the flattened `shape` gets the same value in the
+    fused kernel (which never materialises it) and here, on any device, for any thread count.
     """
     shape = tuple(shape)
     numel = 1
     for d in shape:
         numel *= d
-    if device.type != "cpu":
-        return torch.rand(shape, generator=generator, device=device).sub_(0.5)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    k = words.view(torch.int16)[:numel]
-    return k.float().add_(0.5).mul_(1.0 / _NOISE_STEPS).view(shape)
+    if counter.device.type == "cpu" and fused_kernels_enabled():
+        return torch.ops.fracfx.rounding_noise(numel, counter, seed).view(shape)
+    return philox.rounding_noise(numel, counter, seed).view(shape)
+
+
+def quantize(x: torch.Tensor, lo: torch.Tensor, s: torch.Tensor, qmax, counter: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """fake_quant_scaled(x, lo, s, qmax[, noise of (seed, counter)]) on the fastest path at hand.
+
+    lo and s are per tensor (one element) or per row of x's first axis (shape (R, 1, ...) or (R,));
+    qmax is an int, or a per-row tensor where 0 leaves that row in FP32 (unquantized).
+    """
+    rows = x.shape[0] if x.dim() else 1
+    row_qmax = qmax if isinstance(qmax, torch.Tensor) else None
+    if _fused_for(x) and all(_rowwise(t, rows) for t in (lo, s) + ((row_qmax,) if row_qmax is not None else ())):
+        return torch.ops.fracfx.fake_quant(x, lo.reshape(-1), s.reshape(-1), 0.0 if row_qmax is not None else float(qmax),
+                                           None if row_qmax is None else row_qmax.reshape(-1).float(), counter, seed)
+    noise = None if counter is None else rounding_noise(x.shape, counter, seed).to(x.device)
+    if row_qmax is None:
+        return fake_quant_scaled(x, lo, s, qmax, noise)
+    bshape = (rows,) + (1,) * (x.dim() - 1)
+    qmax = row_qmax.to(x.dtype).view(bshape)
+    fp32 = qmax == 0
+    if not bool(fp32.any()):  # the common case: skip two full passes of torch.where
+        return fake_quant_scaled(x, _per_row(lo, bshape), _per_row(s, bshape), qmax, noise)
+    out = fake_quant_scaled(x, _per_row(lo, bshape), _per_row(s, bshape), torch.where(fp32, torch.ones_like(qmax), qmax), noise)
+    return torch.where(fp32, x, out)
+
+
+def _rowwise(t: torch.Tensor, rows: int) -> bool:
+    """t holds one value, or one per row of x's first axis."""
+    return t.numel() == 1 or (t.dim() >= 1 and t.shape[0] == rows and t.numel() == rows)
+
+
+def _per_row(t: torch.Tensor, bshape) -> torch.Tensor:
+    return t if t.numel() == 1 else t.reshape(bshape)
 
 
 def tensor_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor (lo, R) = (min, max - min), detached."""
-    lo, hi = torch.aminmax(x.detach())
+    x = x.detach()
+    lo, hi = torch.ops.fracfx.minmax(x) if _fused_for(x) and x.numel() else torch.aminmax(x)
     return lo, hi - lo
 
 
 def _row_min_max(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _fused_for(rows) and rows.numel():
+        return torch.ops.fracfx.row_minmax(rows, rows.shape[0])
     # amin + amax: torch.aminmax(dim=1) is ~50x slower on CPU for (batch, features) shapes
     return rows.amin(dim=1), rows.amax(dim=1)
 
@@ -122,7 +177,7 @@ class FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lo, s, qmax):
-        return fake_quant_scaled(x, lo, s, qmax)
+        return quantize(x, lo, s, qmax)
 
     @staticmethod
     def backward(ctx, grad):
@@ -133,18 +188,22 @@ class GradQuantFn(torch.autograd.Function):
     """Identity in forward; in backward quantizes dL/dY with stochastic rounding.
 
     The quantized tensor is what flows on into the op's backward, so both dX and dW are computed
-    from the same quantized gradient. `sample_qmax` (B,) gives per-sample bits for DFQ: each
-    sample's range is taken over the samples with the same bits only (no leakage between
-    groups); entries of 0 leave that sample's gradient in FP32. `sample_group` (B,) ints, if
-    given, defines the range groups instead (DFQ: the candidate each sample chose).
-    `range_sync` (fracfx.runtime.sync_stats.RangeSync) takes the ranges over every rank of a
-    data-parallel run; grouped ranges then need `num_groups` (group ids are 0..num_groups-1).
+    from the same quantized gradient. The rounding noise is that of (`seed`, `counter`) (the
+    quantizer's seed and its call counter at forward time, a one-element int64 tensor).
+    `sample_qmax` (B,) gives per-sample bits for DFQ: each sample's range is taken over the
+    samples with the same bits only (no leakage between groups); entries of 0 leave that sample's
+    gradient in FP32. `sample_group` (B,) ints, if given, defines the range groups instead (DFQ:
+    the candidate each sample chose). `range_sync` (fracfx.runtime.sync_stats.RangeSync) takes the
+    ranges over every rank of a data-parallel run; grouped ranges then need `num_groups` (group
+    ids are 0..num_groups-1).
     """
 
     @staticmethod
-    def forward(ctx, y, qmax, generator, stochastic, sample_qmax, sample_group=None, copy_output=True, range_sync=None, num_groups=None):
-        ctx.qmax, ctx.generator, ctx.stochastic, ctx.sample_qmax = qmax, generator, stochastic, sample_qmax
-        ctx.sample_group, ctx.range_sync, ctx.num_groups = sample_group, range_sync, num_groups
+    def forward(ctx, y, qmax, counter, seed, stochastic, sample_qmax, sample_group=None, copy_output=True, range_sync=None, num_groups=None):
+        ctx.qmax, ctx.seed, ctx.stochastic = qmax, seed, stochastic
+        ctx.range_sync, ctx.num_groups = range_sync, num_groups
+        ctx.grouped = sample_qmax is not None
+        ctx.save_for_backward(counter, sample_qmax, sample_group)
         # Autograd refuses in-place writes (conv -> ReLU(inplace=True)) on a view made inside a
         # Function, so such consumers get a copy; insert_quant knows the consumers and turns the
         # copy off when none writes in place (saves one pass over every output).
@@ -152,30 +211,36 @@ class GradQuantFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        noise = rounding_noise(grad.shape, ctx.generator, grad.device) if ctx.stochastic else None
-        if ctx.sample_qmax is None:
+        counter, sample_qmax, sample_group = ctx.saved_tensors
+        counter = counter if ctx.stochastic else None
+        if not ctx.grouped:
             lo, rng = tensor_range(grad) if ctx.range_sync is None else ctx.range_sync.tensor_range(grad)
-            out = fake_quant(grad, lo, rng, ctx.qmax, noise)
+            out = quantize(grad, lo, scale_of(rng, ctx.qmax), ctx.qmax, counter, ctx.seed)
         else:
-            out = _grouped_quant(grad, ctx.sample_qmax, noise, ctx.sample_group, ctx.range_sync, ctx.num_groups)
-        return out, None, None, None, None, None, None, None, None
+            out = _grouped_quant(grad, sample_qmax, counter, ctx.seed, sample_group, ctx.range_sync, ctx.num_groups)
+        return out, None, None, None, None, None, None, None, None, None
 
 
-def _grouped_quant(grad: torch.Tensor, sample_qmax: torch.Tensor, noise, groups: torch.Tensor | None = None,
-                   range_sync=None, num_groups: int | None = None) -> torch.Tensor:
+def _grouped_quant(grad: torch.Tensor, sample_qmax: torch.Tensor, counter: torch.Tensor | None, seed: int = 0,
+                   groups: torch.Tensor | None = None, range_sync=None, num_groups: int | None = None) -> torch.Tensor:
     """Quantize each sample at its own qmax, with (lo, R) pooled over its group's samples only.
 
     Groups are the samples sharing a qmax, or the given (B,) `groups` ids (samples in one group
     must share a qmax). A sample's grid therefore depends on its own group's gradients alone.
     With `range_sync`, a group's range spans its samples on every rank (ids 0..num_groups-1).
+    With `counter`, rounding is stochastic with the noise of (seed, counter).
     """
     batch = grad.shape[0]
     flat = grad.detach().reshape(batch, -1)
     sample_lo, sample_hi = _row_min_max(flat)
     if range_sync is None:
-        ids = torch.unique(sample_qmax if groups is None else groups, return_inverse=True)[1]
-        lo = torch.full_like(sample_lo, float("inf")).scatter_reduce(0, ids, sample_lo, "amin", include_self=False)[ids]
-        hi = torch.full_like(sample_hi, float("-inf")).scatter_reduce(0, ids, sample_hi, "amax", include_self=False)[ids]
+        if groups is not None and num_groups is not None:
+            ids, count = groups, num_groups  # no torch.unique: no sync, no data-dependent shape
+        else:
+            ids = torch.unique(sample_qmax if groups is None else groups, return_inverse=True)[1]
+            count = batch
+        lo = sample_lo.new_full((count,), float("inf")).scatter_reduce(0, ids, sample_lo, "amin")[ids]
+        hi = sample_hi.new_full((count,), float("-inf")).scatter_reduce(0, ids, sample_hi, "amax")[ids]
     else:
         if groups is None or num_groups is None:
             raise ValueError("ranges synchronised across ranks need explicit group ids and num_groups (the same on every rank)")
@@ -183,11 +248,7 @@ def _grouped_quant(grad: torch.Tensor, sample_qmax: torch.Tensor, noise, groups:
         group_hi = sample_hi.new_full((num_groups,), float("-inf")).scatter_reduce(0, groups, sample_hi, "amax")
         group_lo, group_hi = range_sync.group_min_max(group_lo, group_hi)
         lo, hi = group_lo[groups], group_hi[groups]
-    bshape = (batch,) + (1,) * (grad.dim() - 1)
-    qmax = sample_qmax.to(grad.dtype).view(bshape)
-    fp32 = (sample_qmax == 0).view(bshape)
-    if not bool(fp32.any()):  # the common case: skip two full passes of torch.where
-        return fake_quant(grad, lo.view(bshape), (hi - lo).view(bshape), qmax, noise)
-    safe_qmax = torch.where(fp32, torch.ones_like(qmax), qmax)
-    out = fake_quant(grad, lo.view(bshape), (hi - lo).view(bshape), safe_qmax, noise)
-    return torch.where(fp32, grad, out)
+    qmax = sample_qmax.to(grad.dtype)
+    # each sample's step as the static quantizer computes it (rows at qmax 0 stay FP32; their step is unused)
+    s = scale_of(hi - lo, torch.where(qmax == 0, torch.ones_like(qmax), qmax))
+    return quantize(grad, lo, s, sample_qmax, counter, seed)

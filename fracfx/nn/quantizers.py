@@ -7,11 +7,13 @@ refreshed after load_state_dict(). Bits 0 means FP32: forward returns its input 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from fracfx.bits import FP32, check_bits
-from fracfx.nn.quant import FakeQuantSTE, GradQuantFn, channel_range, grid_of, qmax_of, tensor_range
+from fracfx.nn.quant import FakeQuantSTE, GradQuantFn, channel_range, fused_kernels_enabled, grid_of, qmax_of, tensor_range
 
 
 def _refresh_bits_mirror(module: "_Quantizer", incompatible_keys) -> None:
@@ -27,6 +29,7 @@ class _Quantizer(nn.Module):
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
         self._bits = bits
         self.register_load_state_dict_post_hook(_refresh_bits_mirror)
+        fused_kernels_enabled()  # load (or build) the fused kernels now, not inside a torch.compile trace
 
     @property
     def current_bits(self) -> int:
@@ -96,9 +99,12 @@ class WeightQuant(_Quantizer):
 class GradQuant(_Quantizer):
     """Identity in forward; quantizes the op's output gradient in backward (stochastic rounding).
 
-    Owns a torch.Generator for the rounding noise. Its state is part of state_dict() (extra
-    state), so a resumed run draws exactly the noise an uninterrupted one would have drawn.
-    `range_sync` (as ActQuant's) takes the gradient's range over every rank.
+    The rounding noise is counter based (fracfx.nn.quant.rounding_noise): a pure function of this
+    quantizer's seed, its call counter and the element index. The counter (`noise_counter`, an
+    int64 buffer) advances by one per training forward whose output needs a gradient, so it is in
+    state_dict() and a resumed run regenerates exactly the noise an uninterrupted one would have;
+    the seed is extra state (a rank-specific value in data-parallel runs, kept out of the buffers
+    that ranks compare). `range_sync` (as ActQuant's) takes the gradient's range over every rank.
     """
 
     range_sync = None
@@ -107,33 +113,45 @@ class GradQuant(_Quantizer):
         super().__init__(bits)
         self.stochastic = bool(stochastic)
         self.copy_output = bool(copy_output)  # False only when no consumer writes in place
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = int(seed)
+        self.register_buffer("noise_counter", torch.zeros((), dtype=torch.int64))
 
-    def generator_for(self, device: torch.device) -> torch.Generator:
-        """The rounding generator on `device` (moved there, state kept, on first use)."""
-        if self._generator.device.type != device.type:
-            moved = torch.Generator(device=device)
-            moved.manual_seed(self._generator.initial_seed())
-            self._generator = moved
-        return self._generator
+    @property
+    def noise_seed(self) -> int:
+        return self._seed
 
     def seed(self, seed: int) -> None:
-        self._generator.manual_seed(seed)
+        """Start the rounding noise stream of `seed` (the counter restarts at 0)."""
+        self._seed = int(seed)
+        self.noise_counter.zero_()
+
+    def _next_counter(self) -> torch.Tensor:
+        counter = self.noise_counter.clone()
+        self.noise_counter.add_(1)
+        return counter
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self._bits == FP32 or not y.requires_grad:
-            return y
-        return GradQuantFn.apply(y, qmax_of(self._bits), self.generator_for(y.device), self.stochastic, None, None, self.copy_output,
+        if self._bits == FP32 or not (y.requires_grad and torch.is_grad_enabled()):
+            return y  # no backward will run: the counter stays
+        return GradQuantFn.apply(y, qmax_of(self._bits), self._next_counter(), self._seed, self.stochastic, None, None, self.copy_output,
                                  self.range_sync)
 
     def get_extra_state(self):
-        return {"device": self._generator.device.type, "state": self._generator.get_state()}
+        return {"seed": self._seed}
 
     def set_extra_state(self, state) -> None:
-        device = torch.device(state["device"])
-        if self._generator.device.type != device.type:
-            self._generator = torch.Generator(device=device)
-        self._generator.set_state(state["state"])
+        if "seed" not in state:  # a checkpoint from before counter-based noise (torch.Generator state)
+            warnings.warn("GradQuant: this checkpoint holds a torch.Generator state from an older fracfx; the rounding noise is now "
+                          "counter based, so this run keeps its own seed (the noise will differ from the original run's)",
+                          RuntimeWarning, stacklevel=2)
+            return
+        self._seed = int(state["seed"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "noise_counter"
+        if key not in state_dict and prefix + "_extra_state" in state_dict and "seed" not in (state_dict[prefix + "_extra_state"] or {}):
+            state_dict[key] = torch.zeros((), dtype=torch.int64)  # older checkpoint: the noise restarts (set_extra_state warns)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stochastic={self.stochastic}"

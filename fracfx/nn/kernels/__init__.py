@@ -2,9 +2,10 @@
 
     torch.ops.fracfx.minmax(x) -> (lo, hi)                       per-tensor range, one pass
     torch.ops.fracfx.row_minmax(x, rows) -> (lo, hi)             per-row ranges (channels, samples)
-    torch.ops.fracfx.fake_quant(x, lo, s, qmax, row_qmax, key)   FRACTRAIN.md fq, per tensor / row,
-                                                                 Philox stochastic rounding if key
-    torch.ops.fracfx.rounding_noise(numel, key)                  the noise alone (tests)
+    torch.ops.fracfx.fake_quant(x, lo, s, qmax, row_qmax, counter, seed)
+                                                 FRACTRAIN.md fq per tensor or per row; with a
+                                                 counter, Philox stochastic rounding (philox.py)
+    torch.ops.fracfx.rounding_noise(numel, counter, seed)   the noise alone (tests)
 
 Built once with torch.utils.cpp_extension (needs a C++ compiler and ninja) into a cache folder
 (FRACFX_KERNELS_DIR, default ~/.cache/fracfx/kernels), keyed by the source, torch version and the
@@ -55,7 +56,7 @@ def isa_flags() -> tuple[str, list[str]]:
     return "base", []
 
 
-BASE_CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-std=c++17"]
+BASE_CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
 
 def build_key() -> tuple[str, list[str]]:
@@ -130,9 +131,9 @@ def _register_fakes() -> None:
         return x.new_empty((rows,)), x.new_empty((rows,))
 
     @torch.library.register_fake("fracfx::fake_quant")
-    def _(x, lo, s, qmax, row_qmax=None, key=None):
+    def _(x, lo, s, qmax, row_qmax=None, counter=None, seed=0):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fracfx::rounding_noise")
-    def _(numel, key):
-        return torch.empty((numel,), dtype=torch.float32, device=key.device)
+    def _(numel, counter, seed):
+        return torch.empty((numel,), dtype=torch.float32, device=counter.device)

@@ -10,6 +10,9 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -28,10 +31,86 @@ constexpr int kTile = kBlocks * 8;         // 8 noise values (16 bits each) per 
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
 constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 
-// noise for elements [base, base + kTile), base a multiple of 8; written to out[kTile]
+// Noise for the tile of elements [base, base + kTile), base a multiple of kTile, into out[kTile].
+// Element i of a tensor belongs to Philox block (i / kTile) * kBlocks + i % kBlocks and takes
+// 16 bits (j % 2) of output word j / 2, j = (i % kTile) / kBlocks (the layout keeps every loop
+// below a straight SIMD loop over the kBlocks blocks of a tile).
+static inline void philox_tile(uint64_t* c0, uint64_t* c1, uint64_t* c2, uint64_t* c3, uint32_t k0, uint32_t k1, float* out) {
+  // lanes hold 32-bit values in 64-bit slots; the upper halves may carry garbage, which the
+  // 32x32->64 multiplies ignore and the final (uint32_t) reads drop
+#if defined(__AVX2__)
+  constexpr int V = kBlocks / 4;
+  __m256i a0[V], a1[V], a2[V], a3[V];
+  for (int v = 0; v < V; ++v) {
+    a0[v] = _mm256_loadu_si256((const __m256i*)(c0 + 4 * v));
+    a1[v] = _mm256_loadu_si256((const __m256i*)(c1 + 4 * v));
+    a2[v] = _mm256_loadu_si256((const __m256i*)(c2 + 4 * v));
+    a3[v] = _mm256_loadu_si256((const __m256i*)(c3 + 4 * v));
+  }
+  const __m256i m0 = _mm256_set1_epi64x(kM0), m1 = _mm256_set1_epi64x(kM1);
+  uint32_t key0 = k0, key1 = k1;
+  for (int r = 0; r < 10; ++r) {
+    const __m256i q0 = _mm256_set1_epi64x(key0), q1 = _mm256_set1_epi64x(key1);
+    for (int v = 0; v < V; ++v) {
+      const __m256i p0 = _mm256_mul_epu32(a0[v], m0);
+      const __m256i p1 = _mm256_mul_epu32(a2[v], m1);
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), a1[v]), q0);
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), a3[v]), q1);
+      a1[v] = p1;
+      a3[v] = p0;
+      a0[v] = n0;
+      a2[v] = n2;
+    }
+    key0 += kW0;
+    key1 += kW1;
+  }
+  // low 32 bits of two 4 x 64-bit vectors -> 8 x 32-bit; lane j -> 16-bit k -> (k + 0.5) / 65536
+  const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256 half = _mm256_set1_ps(0.5f), scale = _mm256_set1_ps(1.0f / 65536.0f);
+  const __m256i* words[4] = {a0, a1, a2, a3};
+  for (int w = 0; w < 4; ++w) {
+    for (int v = 0; v < V; v += 2) {
+      const __m128i lo = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(words[w][v], pick));
+      const __m128i hi = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(words[w][v + 1], pick));
+      const __m256i x = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+      const __m256i k0 = _mm256_srai_epi32(_mm256_slli_epi32(x, 16), 16);
+      const __m256i k1 = _mm256_srai_epi32(x, 16);
+      _mm256_storeu_ps(out + (2 * w) * kBlocks + 4 * v, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(k0), half), scale));
+      _mm256_storeu_ps(out + (2 * w + 1) * kBlocks + 4 * v, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(k1), half), scale));
+    }
+  }
+#else
+  uint32_t key0 = k0, key1 = k1;
+  for (int r = 0; r < 10; ++r) {
+    for (int l = 0; l < kBlocks; ++l) {
+      const uint64_t p0 = (uint64_t)kM0 * (uint64_t)(uint32_t)c0[l];
+      const uint64_t p1 = (uint64_t)kM1 * (uint64_t)(uint32_t)c2[l];
+      const uint64_t n0 = (p1 >> 32) ^ c1[l] ^ key0;
+      const uint64_t n2 = (p0 >> 32) ^ c3[l] ^ key1;
+      c1[l] = p1;
+      c3[l] = p0;
+      c0[l] = n0;
+      c2[l] = n2;
+    }
+    key0 += kW0;
+    key1 += kW1;
+  }
+  const uint64_t* words[4] = {c0, c1, c2, c3};
+  for (int j = 0; j < 8; ++j) {
+    const uint64_t* w = words[j >> 1];
+    const int shift = 16 * (j & 1);
+    float* o = out + j * kBlocks;
+    for (int l = 0; l < kBlocks; ++l) {
+      const int32_t k = (int32_t)(int16_t)(uint16_t)(w[l] >> shift);
+      o[l] = ((float)k + 0.5f) * (1.0f / 65536.0f);
+    }
+  }
+#endif
+}
+
 static inline void noise_tile(uint64_t base, uint32_t s0, uint32_t s1, uint32_t k0, uint32_t k1, float* out) {
-  uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
-  const uint64_t first = base >> 3;
+  alignas(64) uint64_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  const uint64_t first = (base / kTile) * kBlocks;
   for (int l = 0; l < kBlocks; ++l) {
     const uint64_t b = first + (uint64_t)l;
     c0[l] = (uint32_t)b;
@@ -39,39 +118,17 @@ static inline void noise_tile(uint64_t base, uint32_t s0, uint32_t s1, uint32_t 
     c2[l] = s0;
     c3[l] = s1;
   }
-  uint32_t key0 = k0, key1 = k1;
-  for (int r = 0; r < 10; ++r) {
-    for (int l = 0; l < kBlocks; ++l) {
-      const uint64_t p0 = (uint64_t)kM0 * (uint64_t)c0[l];
-      const uint64_t p1 = (uint64_t)kM1 * (uint64_t)c2[l];
-      const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[l] ^ key0;
-      const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3[l] ^ key1;
-      c1[l] = (uint32_t)p1;
-      c3[l] = (uint32_t)p0;
-      c0[l] = n0;
-      c2[l] = n2;
-    }
-    key0 += kW0;
-    key1 += kW1;
-  }
-  for (int l = 0; l < kBlocks; ++l) {
-    const uint32_t w[4] = {c0[l], c1[l], c2[l], c3[l]};
-    for (int j = 0; j < 8; ++j) {
-      const int16_t k = (int16_t)(uint16_t)(w[j >> 1] >> (16 * (j & 1)));
-      out[l * 8 + j] = ((float)k + 0.5f) * (1.0f / 65536.0f);
-    }
-  }
+  philox_tile(c0, c1, c2, c3, k0, k1, out);
 }
 
 struct NoiseKey {
   uint32_t s0, s1, k0, k1;
 };
 
-static NoiseKey noise_key(const at::Tensor& key) {
-  TORCH_CHECK(key.dtype() == at::kLong && key.numel() == 2, "fracfx: noise key must be an int64 tensor [seed, step]");
-  auto k = key.to(at::kCPU).contiguous();
-  const uint64_t seed = (uint64_t)k.data_ptr<int64_t>()[0];
-  const uint64_t step = (uint64_t)k.data_ptr<int64_t>()[1];
+static NoiseKey noise_key(const at::Tensor& counter, int64_t seed_) {
+  TORCH_CHECK(counter.numel() == 1 && !at::isFloatingType(counter.scalar_type()), "fracfx: the noise counter must be one integer");
+  const uint64_t step = (uint64_t)counter.item<int64_t>();
+  const uint64_t seed = (uint64_t)seed_;
   return NoiseKey{(uint32_t)step, (uint32_t)(step >> 32), (uint32_t)seed, (uint32_t)(seed >> 32)};
 }
 
@@ -100,7 +157,7 @@ static void span_plain(const float* x, float* y, int64_t n, float lo, float s, f
 // elements [begin, end) of the flat tensor, with noise of their global index
 static void span_noisy(const float* x, float* y, int64_t begin, int64_t end, float lo, float s, float qmax, const NoiseKey& key) {
   alignas(64) float u[kTile];
-  int64_t t = begin - (begin % 8);
+  int64_t t = begin - (begin % kTile);
   while (t < end) {
     noise_tile((uint64_t)t, key.s0, key.s1, key.k0, key.k1, u);
     const int64_t a = std::max(begin, t), b = std::min(end, t + (int64_t)kTile);
@@ -127,15 +184,36 @@ struct MinMax {
 };
 
 static MinMax minmax_span(const float* p, int64_t n) {
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  int nan = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = p[i];
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
-    nan |= (v != v);
+  constexpr int L = 32;  // independent lanes: a plain SIMD loop, no reassociation needed
+  float lo[L], hi[L];
+  int32_t nan[L];
+  for (int l = 0; l < L; ++l) {
+    lo[l] = std::numeric_limits<float>::infinity();
+    hi[l] = -std::numeric_limits<float>::infinity();
+    nan[l] = 0;
   }
-  return MinMax{lo, hi, nan != 0};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) {
+      const float v = p[i + l];
+      lo[l] = v < lo[l] ? v : lo[l];
+      hi[l] = v > hi[l] ? v : hi[l];
+      nan[l] |= (int32_t)(v != v);
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    const float v = p[i];
+    lo[l] = v < lo[l] ? v : lo[l];
+    hi[l] = v > hi[l] ? v : hi[l];
+    nan[l] |= (int32_t)(v != v);
+  }
+  MinMax r{lo[0], hi[0], nan[0] != 0};
+  for (int l = 1; l < L; ++l) {
+    r.lo = lo[l] < r.lo ? lo[l] : r.lo;
+    r.hi = hi[l] > r.hi ? hi[l] : r.hi;
+    r.nan = r.nan || nan[l] != 0;
+  }
+  return r;
 }
 
 // per-tensor min and max (NaN if any element is NaN, as torch.aminmax)
@@ -188,10 +266,10 @@ std::tuple<at::Tensor, at::Tensor> row_minmax(const at::Tensor& x_, int64_t rows
 }
 
 // y = fake quant of x viewed as (rows, cols): lo, s and qmax per row (numel 1 = shared by all rows).
-// qmax 0 in `row_qmax` leaves that row unquantized (copied). `key` [seed, step]: stochastic
-// rounding with Philox noise of each element's flat index.
+// qmax 0 in `row_qmax` leaves that row unquantized (copied). With `counter`: stochastic
+// rounding, the Philox noise of (seed, counter, each element's flat index).
 at::Tensor fake_quant(const at::Tensor& x_, const at::Tensor& lo_, const at::Tensor& s_, double qmax,
-                      const std::optional<at::Tensor>& row_qmax_, const std::optional<at::Tensor>& key_) {
+                      const std::optional<at::Tensor>& row_qmax_, const std::optional<at::Tensor>& counter_, int64_t seed) {
   check_float(x_, "fake_quant x");
   check_float(lo_, "fake_quant lo");
   check_float(s_, "fake_quant s");
@@ -211,9 +289,9 @@ at::Tensor fake_quant(const at::Tensor& x_, const at::Tensor& lo_, const at::Ten
   TORCH_CHECK(s.numel() == 1 || s.numel() == rows, "fracfx.fake_quant: s has ", s.numel(), " entries for ", rows, " rows");
   TORCH_CHECK(n % rows == 0, "fracfx.fake_quant: ", n, " elements do not split into ", rows, " rows");
   const int64_t cols = n / rows;
-  const bool noisy = key_.has_value();
+  const bool noisy = counter_.has_value();
   NoiseKey key{0, 0, 0, 0};
-  if (noisy) key = noise_key(*key_);
+  if (noisy) key = noise_key(*counter_, seed);
   const float* px = x.data_ptr<float>();
   float* py = y.data_ptr<float>();
   const float* plo = lo.data_ptr<float>();
@@ -241,13 +319,13 @@ at::Tensor fake_quant(const at::Tensor& x_, const at::Tensor& lo_, const at::Ten
 }
 
 // the rounding noise itself (tests, and the reference for the eager fallback)
-at::Tensor rounding_noise(int64_t numel, const at::Tensor& key_) {
-  NoiseKey key = noise_key(key_);
+at::Tensor rounding_noise(int64_t numel, const at::Tensor& counter, int64_t seed) {
+  NoiseKey key = noise_key(counter, seed);
   auto y = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
   float* py = y.data_ptr<float>();
   at::parallel_for(0, numel, kGrain, [&](int64_t a, int64_t b) {
     alignas(64) float u[kTile];
-    int64_t t = a - (a % 8);
+    int64_t t = a - (a % kTile);
     while (t < b) {
       noise_tile((uint64_t)t, key.s0, key.s1, key.k0, key.k1, u);
       const int64_t lo = std::max(a, t), hi = std::min(b, t + (int64_t)kTile);
@@ -263,8 +341,8 @@ at::Tensor rounding_noise(int64_t numel, const at::Tensor& key_) {
 TORCH_LIBRARY(fracfx, m) {
   m.def("minmax(Tensor x) -> (Tensor, Tensor)");
   m.def("row_minmax(Tensor x, int rows) -> (Tensor, Tensor)");
-  m.def("fake_quant(Tensor x, Tensor lo, Tensor s, float qmax, Tensor? row_qmax=None, Tensor? key=None) -> Tensor");
-  m.def("rounding_noise(int numel, Tensor key) -> Tensor");
+  m.def("fake_quant(Tensor x, Tensor lo, Tensor s, float qmax, Tensor? row_qmax=None, Tensor? counter=None, int seed=0) -> Tensor");
+  m.def("rounding_noise(int numel, Tensor counter, int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fracfx, CPU, m) {
