@@ -34,6 +34,8 @@ MOVED = {
     "fracfx.train_text": "fracfx.train.tasks",
     "fracfx.report": "fracfx.train.report",
     "fracfx.passes.analyze_cost": "fracfx.cost_model",
+    "fracfx.passes.export_onnx": "fracfx.export.onnx_model",
+    "fracfx.passes.onnx_qdq": "fracfx.export.qdq",
 }
 
 
@@ -68,3 +70,20 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
 def install() -> None:
     if not any(isinstance(finder, MovedModuleFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, MovedModuleFinder())  # before PathFinder, which would load a second copy
+
+
+def moved_names(old_module: str, table: dict[str, str]):
+    """A module-level __getattr__ for names that moved out of `old_module`: name -> new module.
+
+    Each access warns (DeprecationWarning naming the new path) and returns the object itself.
+    """
+
+    def __getattr__(name: str):
+        if name not in table:
+            raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
+        new = table[name]
+        warnings.warn(f"{old_module}.{name} moved to {new}.{name}; the old path will be removed in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(new), name)
+
+    return __getattr__

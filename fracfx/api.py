@@ -22,17 +22,21 @@ from fracfx.passes.annotate_blocks import annotate_blocks
 from fracfx.passes.annotate_cost import annotate_cost
 from fracfx.passes.annotate_quant import annotate_quant
 from fracfx.passes.capture import capture_graph
-from fracfx.passes.infra import run_pipeline
+from fracfx.passes.infra import Step, gate_choices, run_pipeline, step
 from fracfx.passes.insert_gates import insert_gates
 from fracfx.passes.insert_quant import insert_quant
+from fracfx.passes.pin_candidates import pin_candidates as _pin_candidates
+from fracfx.passes.propagate_shapes import propagate_shapes
 from fracfx.passes.replace_attention import replace_attention
+
+Inputs = Sequence[torch.Tensor] | torch.Tensor | None
 
 
 def transform(
     model: nn.Module,
     config: QuantConfig | DFQConfig | None = None,
     *,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    example_inputs: Inputs = None,
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
     """Trace `model` and return a GraphModule with quantizer nodes; `model` is left untouched.
@@ -46,46 +50,55 @@ def transform(
     gated block get the static ungated_act_bits / ungated_grad_bits.
     """
     config = QuantConfig() if config is None else config
-    if not isinstance(config, (QuantConfig, DFQConfig)):
-        raise ConfigError(f"config must be a fracfx QuantConfig or DFQConfig, got {type(config).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    dfq = isinstance(config, DFQConfig)
-    if dfq and example_inputs is None:
+    if isinstance(config, QuantConfig):
+        return run_pipeline(model, quant_steps(config, example_inputs, concrete_args))
+    if isinstance(config, DFQConfig):
+        return run_pipeline(model, dfq_steps(config, example_inputs, concrete_args))
+    raise ConfigError(f"config must be a fracfx QuantConfig or DFQConfig, got {type(config).__name__}")
+
+
+def quant_steps(config: QuantConfig, example_inputs: Inputs, concrete_args) -> list[Step]:
+    """transform's pipeline for static (and PFQ) quantization."""
+    return [
+        step(capture_graph, leaf_modules=config.leaf_modules, concrete_args=concrete_args, fallback=config.trace_fallback),
+        step(replace_attention, keep=config.leaf_modules, when=config.replace_attention),
+        step(annotate_quant, keep_fp32=config.keep_fp32, quantize=config.quantize),
+        step(propagate_shapes, example_inputs=example_inputs, when=example_inputs is not None),
+        step(annotate_cost, when=example_inputs is not None),
+        step(insert_quant, act_bits=config.act_bits, weight_bits=config.weight_bits, grad_bits=config.grad_bits,
+             act_momentum=config.act_momentum, stochastic_grad=config.stochastic_grad, integer_zero_point=config.integer_zero_point),
+    ]
+
+
+def dfq_steps(config: DFQConfig, example_inputs: Inputs, concrete_args) -> list[Step]:
+    """transform's pipeline for DFQ: gated blocks, quantizers at the ungated bits, then the gates."""
+    if example_inputs is None:
         raise ConfigError(
             "DFQConfig needs example_inputs (e.g. example_inputs=torch.randn(2, 3, 32, 32)): the gates are sized "
             "from the block inputs' shapes and the cost term counts each op's MACs"
         )
-    act_bits, grad_bits = (config.ungated_act_bits, config.ungated_grad_bits) if dfq else (config.act_bits, config.grad_bits)
-    steps = [
-        ("capture", lambda m: capture_graph(m, leaf_modules=config.leaf_modules, concrete_args=concrete_args, fallback=config.trace_fallback)),
+    return [
+        step(capture_graph, leaf_modules=config.leaf_modules, concrete_args=concrete_args, fallback=config.trace_fallback),
+        step(replace_attention, keep=config.leaf_modules, when=config.replace_attention),
+        step(annotate_quant, keep_fp32=config.keep_fp32, quantize=config.quantize),
+        step(propagate_shapes, example_inputs=example_inputs),
+        step(annotate_blocks, block_types=config.block_types, block_globs=config.block_globs),
+        step(annotate_cost),
+        step(insert_quant, act_bits=config.ungated_act_bits, weight_bits=config.weight_bits, grad_bits=config.ungated_grad_bits,
+             act_momentum=config.act_momentum, stochastic_grad=config.stochastic_grad),
+        step(insert_gates, candidates=config.candidates, embed_dims=config.embed_dims, hidden=config.hidden,
+             embed_layout=config.embed_layout),
     ]
-    if config.replace_attention:
-        steps.append(("replace_attention", lambda gm: replace_attention(gm, keep=config.leaf_modules)))
-    steps.append(("annotate_quant", lambda gm: annotate_quant(gm, keep_fp32=config.keep_fp32, quantize=config.quantize)))
-    if dfq:
-        steps.append((
-            "annotate_blocks",
-            lambda gm: annotate_blocks(gm, example_inputs=example_inputs, block_types=config.block_types, block_globs=config.block_globs),
-        ))
-    if example_inputs is not None:
-        steps.append(("annotate_cost", lambda gm: annotate_cost(gm, example_inputs=example_inputs)))
-    steps.append((
-        "insert_quant",
-        lambda gm: insert_quant(
-            gm, act_bits=act_bits, weight_bits=config.weight_bits, grad_bits=grad_bits,
-            act_momentum=config.act_momentum, stochastic_grad=config.stochastic_grad,
-            integer_zero_point=getattr(config, "integer_zero_point", False),
-        ),
-    ))
-    if dfq:
-        steps.append(("insert_gates", lambda gm: insert_gates(
-            gm, candidates=config.candidates, embed_dims=config.embed_dims, hidden=config.hidden, embed_layout=config.embed_layout,
-        )))
-    return run_pipeline(model, steps)
 
 
-__all__ = ["transform", "set_bits", "seed_rounding", "cost_report", "fp32_report", "Fp32Op", "CostReport"]
+def pin_candidates(gm: fx.GraphModule, *, choices: dict[int, int]) -> fx.GraphModule:
+    """A static copy of a DFQ model with gated block i fixed at candidate choices[i] (see
+    fracfx.passes.pin_candidates); gate_choices(gm) maps block indices to their gates."""
+    return run_pipeline(gm, [
+        step(_pin_candidates, choices=choices),
+    ])
 
 
 def cost_report(gm: fx.GraphModule) -> CostReport:

@@ -29,13 +29,14 @@ blocks, not also their downsample Sequentials). Such regions need one tensor inp
 output, and support "skip" only if they are residual too.
 
 Per-sample precision acts along dim 0: every quantized op in a gated block must see the batch
-first (checked on example_inputs: an op whose input or output has another size at dim 0, such
+first (checked on the shapes propagate_shapes recorded: an op whose input or output has another size at dim 0, such
 as nn.TransformerEncoderLayer(batch_first=False) or a quantized attention over windows folded
 into dim 0, is refused;
 an example batch size equal to another dim, e.g. the sequence length, would hide that).
 
 Marks (fracfx.meta): BlockSpec on each compute node in a block; BlockPort("input" | "shortcut" |
-"output") on the nodes carrying those values. Runs on the captured graph, before insert_quant.
+"output") on the nodes carrying those values. Runs on the captured graph, after propagate_shapes
+and before insert_quant.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ import torch
 import torch.fx as fx
 
 from fracfx.errors import ConfigError, PassError, UnsupportedGraphError
-from fracfx.meta import BlockPort, BlockSpec, add_block_port, get_inserted, get_quant_spec, set_block
-from fracfx.passes.infra import copy_graph, rebuild
+from fracfx.meta import (
+    BLOCK, BLOCK_PORTS, MATMUL, MODULE_STACK, QUANT_SPEC, SHAPE, BlockPort, BlockSpec, add_block_port, get_inserted,
+    get_quant_spec, get_shape, set_block,
+)
+from fracfx.passes.infra import copy_graph, graph_pass, rebuild
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
@@ -80,7 +84,7 @@ def _type_name(cls) -> str:
 def _collect_regions(graph: fx.Graph) -> list[_Region]:
     regions: dict[str, _Region] = {}
     for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
+        stack = node.meta.get(MODULE_STACK) or {}
         for depth, (key, value) in enumerate(stack.items()):
             path, cls = value if isinstance(value, tuple) else (str(value), None)
             regions.setdefault(key, _Region(path, _type_name(cls), depth, [])).nodes.append(node)
@@ -208,18 +212,6 @@ def _nested_in(inner: _Region, outer: _Region) -> bool:
     return a < b or (a == b and inner.depth > outer.depth)
 
 
-class _InputShapes(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
-        super().__init__(gm)
-        self.wanted, self.shapes = wanted, {}
-
-    def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        if n in self.wanted and isinstance(value, torch.Tensor):
-            self.shapes[n] = tuple(value.shape)
-        return value
-
-
 def _per_sample_values(region: _Region) -> list[tuple[fx.Node, fx.Node]]:
     """(op, value) for the values the block's gate and mixed quantizers split into samples along
     dim 0: the block input, and each quantized op's activation operands and output."""
@@ -228,7 +220,7 @@ def _per_sample_values(region: _Region) -> list[tuple[fx.Node, fx.Node]]:
         spec = get_quant_spec(node)
         if spec is None or not spec.quantize:
             continue
-        operands = node.args[:2] if spec.kind == "matmul" else (node.args[:1] or (node.kwargs.get("input"),))
+        operands = node.args[:2] if spec.kind == MATMUL else (node.args[:1] or (node.kwargs.get("input"),))
         values += [(node, v) for v in (*operands, node) if isinstance(v, fx.Node)]
     return values
 
@@ -246,44 +238,21 @@ def _check_batch_first(region: _Region, shapes, batch: int) -> None:
             )
 
 
-def _input_shapes(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs) -> dict[fx.Node, tuple[int, ...]]:
-    recorder = _InputShapes(gm, nodes)
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            recorder.run(*example_inputs)
-    except Exception as error:
-        raise ConfigError(f"running the model on example_inputs failed ({type(error).__name__}: {error}); pass inputs the model accepts") from error
-    finally:
-        gm.train(was_training)
-    return recorder.shapes
-
-
-def annotate_blocks(
-    gm: fx.GraphModule,
-    /,
-    *,
-    example_inputs: Sequence[torch.Tensor],
-    block_types: Sequence[str] = (),
-    block_globs: Sequence[str] = (),
-) -> fx.GraphModule:
+@graph_pass(reads=(QUANT_SPEC, SHAPE, MODULE_STACK), writes=(BLOCK, BLOCK_PORTS))
+def annotate_blocks(gm: fx.GraphModule, /, *, block_types: Sequence[str] = (), block_globs: Sequence[str] = ()) -> fx.GraphModule:
     """Return a copy of gm with its gated blocks marked (see the module docstring)."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
     if any(get_inserted(n) is not None for n in gm.graph.nodes):
         raise PassError("annotate_blocks must run before insert_quant (it reads the model's own module structure)")
     graph, _ = copy_graph(gm)
-    out = rebuild(gm, graph)
     order = {node: i for i, node in enumerate(graph.nodes)}
     blocks = sorted(_select(_collect_regions(graph), tuple(block_types), tuple(block_globs)), key=lambda r: order[r.nodes[0]])
     if not blocks:
         found = "no module matched block_types/block_globs" if (block_types or block_globs) else "no residual block was found"
         raise UnsupportedGraphError(f"DFQ has nothing to gate: {found} (a gated block must contain a quantized op); {_OVERRIDE_HINT}")
-    shapes = _input_shapes(out, {v for b in blocks for _, v in _per_sample_values(b)}, example_inputs)
-    batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim()), None)
+    shapes = {n: entry.shape for n in graph.nodes if (entry := get_shape(n)) is not None}
+    batch = next((get_shape(n).batch for n in shapes), None)
     if batch is None:
-        raise ConfigError("example_inputs must contain a tensor with a batch dimension first, e.g. torch.randn(2, 3, 32, 32)")
+        raise ConfigError("annotate_blocks needs the shapes of the example inputs: run propagate_shapes first")
     for index, region in enumerate(blocks):
         if region.x not in shapes:
             raise UnsupportedGraphError(f"the input of block '{region.path}' is not a tensor; {_OVERRIDE_HINT}")
@@ -296,4 +265,4 @@ def annotate_blocks(
         if region.shortcut is not None:
             add_block_port(region.shortcut, BlockPort("shortcut", spec))
         add_block_port(region.out, BlockPort("output", spec))
-    return out
+    return rebuild(gm, graph)

@@ -1,72 +1,50 @@
-"""annotate_cost: MACs per sample of every compute op, from shapes traced on example inputs.
+"""annotate_cost: MACs per sample of every compute op, from the shapes propagate_shapes recorded.
 
-The graph is run once in eval mode under no_grad (so no BatchNorm or range statistics move) on
-the example inputs; the batch size is the leading dimension of the first tensor input, and each
-op's MACs are divided by it. Results are stored as meta.OpCost on the compute nodes.
+    MACs = prod(output shape) * multiplies per output element / batch size
+    multiplies per output element: conv and linear prod(weight.shape[1:]); matmul the left
+    operand's last dim
+
+Results are stored as meta.OpCost on the compute nodes; ops whose shapes are unknown (a value
+the example run never produced) get none.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
-import torch
 import torch.fx as fx
 
-from fracfx.errors import ConfigError
-from fracfx.meta import OpCost, get_quant_spec, set_op_cost
-from fracfx.passes.infra import copy_graph, rebuild
+from fracfx.meta import MATMUL, OP_COST, QUANT_SPEC, QUANTIZABLE_KINDS, SHAPE, OpCost, get_quant_spec, get_shape, set_op_cost
+from fracfx.passes.infra import attr, copy_graph, graph_pass, rebuild
 
 
-class _ShapeRecorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
-
-    def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        if isinstance(value, torch.Tensor):
-            self.shapes[n] = tuple(value.shape)
-        return value
+def _shape(value) -> tuple[int, ...] | None:
+    entry = get_shape(value) if isinstance(value, fx.Node) else None
+    return None if entry is None else entry.shape
 
 
-def _contraction(gm: fx.GraphModule, node: fx.Node, kind: str, shapes) -> int:
-    """Multiplies per output element."""
+def _contraction(gm: fx.GraphModule, node: fx.Node, kind: str) -> int | None:
+    """Multiplies per output element, None when an operand's shape is unknown."""
+    if kind == MATMUL:
+        left = _shape(node.args[0])
+        return None if not left else left[-1]
     if node.op == "call_module":
-        weight_shape = tuple(gm.get_submodule(node.target).weight.shape)
-    elif kind in ("conv", "linear"):
-        weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
-        weight_shape = shapes[weight]
-    else:  # matmul: the last dim of the left operand
-        return shapes[node.args[0]][-1]
-    return math.prod(weight_shape[1:])
+        return math.prod(attr(gm, node.target).weight.shape[1:])
+    weight = _shape(node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None))
+    return None if weight is None else math.prod(weight[1:])
 
 
-def annotate_cost(gm: fx.GraphModule, /, *, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+@graph_pass(reads=(QUANT_SPEC, SHAPE), writes=(OP_COST,))
+def annotate_cost(gm: fx.GraphModule, /) -> fx.GraphModule:
     """Return a copy of gm whose supported compute nodes carry OpCost (MACs per sample)."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
-    if not tensors or tensors[0].dim() == 0:
-        raise ConfigError("example_inputs must contain at least one tensor with a batch dimension, e.g. torch.randn(1, 3, 32, 32)")
-    batch = tensors[0].shape[0]
     graph, _ = copy_graph(gm)
-    out = rebuild(gm, graph)
-    recorder = _ShapeRecorder(out)
-    was_training = out.training
-    out.eval()
-    try:
-        with torch.no_grad():
-            recorder.run(*example_inputs)
-    except Exception as error:
-        raise ConfigError(f"running the model on example_inputs failed ({type(error).__name__}: {error}); pass inputs the model accepts") from error
-    finally:
-        out.train(was_training)
     for node in graph.nodes:
-        spec = get_quant_spec(node)
-        if spec is None or spec.kind not in ("conv", "linear", "matmul") or node not in recorder.shapes:
+        spec, shape = get_quant_spec(node), get_shape(node)
+        if spec is None or spec.kind not in QUANTIZABLE_KINDS or shape is None:
             continue
-        output_shape = recorder.shapes[node]
-        total = math.prod(output_shape) * _contraction(out, node, spec.kind, recorder.shapes)
-        set_op_cost(node, OpCost(macs_per_sample=total // batch, output_shape=output_shape))
-    return out
+        contraction = _contraction(gm, node, spec.kind)
+        if contraction is None:
+            continue
+        total = math.prod(shape.shape) * contraction
+        set_op_cost(node, OpCost(macs_per_sample=total // shape.batch, output_shape=shape.shape))
+    return rebuild(gm, graph)

@@ -18,16 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fracfx.config import FIRST_LAYER, LAST_LAYER
-from fracfx.meta import QuantSpec, set_quant_spec
-from fracfx.passes.infra import copy_graph, module_path_of, rebuild
+from fracfx.meta import CONV, LINEAR, MATMUL, MODULE_STACK, QUANT_SPEC, QUANTIZABLE_KINDS, UNSUPPORTED, QuantSpec, set_quant_spec
+from fracfx.passes.infra import attr, copy_graph, graph_pass, module_path_of, rebuild
 
-UNSUPPORTED = "unsupported"
-_MODULE_KINDS = {nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear"}
+_MODULE_KINDS = {nn.Conv1d: CONV, nn.Conv2d: CONV, nn.Conv3d: CONV, nn.Linear: LINEAR}
 _FUNCTION_KINDS = {
-    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.linear: "linear",
-    torch.matmul: "matmul", torch.bmm: "matmul", torch.mm: "matmul", operator.matmul: "matmul",
+    F.conv1d: CONV, F.conv2d: CONV, F.conv3d: CONV, F.linear: LINEAR,
+    torch.matmul: MATMUL, torch.bmm: MATMUL, torch.mm: MATMUL, operator.matmul: MATMUL,
 }
-_METHOD_KINDS = {"matmul": "matmul", "bmm": "matmul", "mm": "matmul"}
+_METHOD_KINDS = {"matmul": MATMUL, "bmm": MATMUL, "mm": MATMUL}
 _LOOKUP_MODULES = (nn.Embedding, nn.EmbeddingBag)
 _ELEMENTWISE_MODULES = ("_operator", "operator", "torch", "torch.functional", "torch.nn.functional", "builtins")
 _HEAVY_FUNCTION_NAMES = {
@@ -36,8 +35,8 @@ _HEAVY_FUNCTION_NAMES = {
 }
 
 
-def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """'conv' | 'linear' | 'matmul' for supported ops, UNSUPPORTED for other compute, else None."""
+def _op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """CONV | LINEAR | MATMUL for supported ops, UNSUPPORTED for other compute, else None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         for cls, kind in _MODULE_KINDS.items():
@@ -65,15 +64,10 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
 def _takes_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
     for arg in node.all_input_nodes:
         if arg.op == "get_attr":
-            value = _attr(gm, arg.target)
+            value = attr(gm, arg.target)
             if isinstance(value, torch.Tensor) and value.dim() >= 2:
                 return True
     return False
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _type_name(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -82,10 +76,11 @@ def _type_name(gm: fx.GraphModule, node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def annotate_quant(gm: fx.GraphModule, /, *, keep_fp32=(), quantize=("conv", "linear", "matmul")) -> fx.GraphModule:
+@graph_pass(reads=(MODULE_STACK,), writes=(QUANT_SPEC,))
+def annotate_quant(gm: fx.GraphModule, /, *, keep_fp32=(), quantize=QUANTIZABLE_KINDS) -> fx.GraphModule:
     """Return a copy of gm whose compute nodes carry a QuantSpec (see module docstring)."""
     graph, _ = copy_graph(gm)
-    found = [(node, op_kind(gm, node)) for node in graph.nodes]
+    found = [(node, _op_kind(gm, node)) for node in graph.nodes]
     found = [(node, kind) for node, kind in found if kind is not None]
     supported = [node for node, kind in found if kind != UNSUPPORTED and kind in quantize]
     pinned = {}

@@ -8,10 +8,10 @@ The result is exactly what the exported ONNX computes (see fracfx.nn.frozen): ac
 running ranges (eval semantics), the grid offset lo is moved onto an integer zero point
 (fracfx.nn.frozen.integer_grid), weights are quantized once from the FP32 master weights.
 
-Inserted nodes are dispatched on their Inserted.role through FREEZERS. Nodes that are no longer
-used afterwards (a DFQ gate subgraph whose masks fed only quantizers) are removed as dead code;
-an inserted node of a role without a freezer that is still used is an ExportError naming it, and
-a later pass (gates) registers its roles in FREEZERS. bits=(a, w) overrides every quantizer, which
+Inserted nodes are dispatched on their Inserted.role (`_freezer`). Nodes that are no longer used
+afterwards (a DFQ gate subgraph whose masks fed only quantizers) are removed as dead code; an
+inserted node of a role without a freezer that is still used is an ExportError naming it.
+bits=(a, w) overrides every quantizer, which
 is how a DFQ model (per-sample bits) is frozen at one precision: its mixed quantizers freeze
 at those bits, the "fp32"/"skip" candidate nodes are stripped, and the gate subgraph, now unused,
 is removed.
@@ -29,13 +29,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fracfx import meta
 from fracfx.bits import FP32, check_bits
 from fracfx.errors import ExportError, FracfxError
+from fracfx.meta import FROZEN, INSERTED, FrozenQuant, get_inserted
+from fracfx.meta import is_frozen  # noqa: F401  (importable here for callers not yet moved; it lives in meta)
 from fracfx.nn.frozen import FrozenActQuant, FrozenWeight, integer_grid, quantize_codes
-from fracfx.meta import FROZEN, FrozenQuant, get_inserted
-from fracfx.nn.quantizers import QUANTIZER_TYPES
-from fracfx.passes.infra import copy_graph, rebuild
 from fracfx.nn.quant import channel_range, qmax_of, scale_of
+from fracfx.nn.quantizers import QUANTIZER_TYPES
+from fracfx.passes.infra import attr, copy_graph, graph_pass, rebuild, remove_dead_nodes
 
 
 @dataclasses.dataclass
@@ -94,7 +96,7 @@ def _freeze_act(ctx: Freezing, node: fx.Node):
             "Train the model, or calibrate it first with fracfx.export.calibrate(gm, batches)"
         )
     scale, zero_point, extended = integer_grid(lo, rng, bits)
-    ctx.record(node, "act_quant", bits, lo, rng, scale, zero_point, extended)
+    ctx.record(node, meta.ACT_QUANT, bits, lo, rng, scale, zero_point, extended)
     return ctx.replace_with(node, FrozenActQuant(bits, scale, zero_point), (x,))
 
 
@@ -109,13 +111,12 @@ def _freeze_weight(ctx: Freezing, node: fx.Node):
             f"node {node.name} quantizes a weight computed in the graph ({source}), not a parameter; "
             "freeze needs a constant weight: compute it once into an nn.Parameter before transform()"
         )
-    owner, _, name = source.target.rpartition(".")
-    weight = getattr(ctx.gm.get_submodule(owner) if owner else ctx.gm, name).detach()
+    weight = attr(ctx.gm, source.target).detach()
     axis = getattr(module, "axis", 0)
     lo, rng = channel_range(weight, axis)
     scale, zero_point, extended = integer_grid(lo, rng, bits)
     codes = quantize_codes(weight.float(), scale, zero_point, bits)
-    ctx.record(node, "weight_quant", bits, lo, rng, scale, zero_point, extended)
+    ctx.record(node, meta.WEIGHT_QUANT, bits, lo, rng, scale, zero_point, extended)
     return ctx.replace_with(node, FrozenWeight(bits, codes, scale, zero_point, axis), ())
 
 
@@ -123,27 +124,20 @@ def _strip(ctx: Freezing, node: fx.Node):
     return node.args[0]
 
 
-FREEZERS: dict[str, Callable[[Freezing, fx.Node], object]] = {
-    "act_quant": _freeze_act,  # ActQuant, and DFQ's MixedActQuant(x, mask) at explicit bits
-    "weight_quant": _freeze_weight,
-    "grad_quant": _strip,
-    "fp32_rows": _strip,  # DFQ "fp32" candidate: at one fixed precision no sample takes it
-    "skip_mix": _strip,  # DFQ "skip" candidate: likewise, the block runs
-}
+def _freezer(role: str) -> Callable[[Freezing, fx.Node], object] | None:
+    """What freezing does to an inserted node of `role` (None: nothing, it must be dead after)."""
+    match role:
+        case meta.ACT_QUANT:  # ActQuant, and DFQ's MixedActQuant(x, mask) at explicit bits
+            return _freeze_act
+        case meta.WEIGHT_QUANT:
+            return _freeze_weight
+        case meta.GRAD_QUANT | meta.FP32_ROWS | meta.SKIP_MIX:
+            # no backward; at one fixed precision no sample takes DFQ's "fp32" or "skip" candidate
+            return _strip
+    return None
 
 
-def _remove_unused(graph: fx.Graph) -> None:
-    """Dead-code elimination; every node here is side-effect free (fx's own DCE needs an owning module)."""
-    for node in reversed(list(graph.nodes)):
-        if node.op not in ("placeholder", "output") and not node.users:
-            graph.erase_node(node)
-
-
-def is_frozen(gm: nn.Module) -> bool:
-    """True for the output of freeze_precision (and of fracfx.freeze)."""
-    return isinstance(gm, fx.GraphModule) and FROZEN in gm.meta
-
-
+@graph_pass(reads=(INSERTED,), writes=(FROZEN,))
 def freeze_precision(gm: fx.GraphModule, /, *, bits: tuple[int | None, int | None] | None = None) -> fx.GraphModule:
     """Return a fixed-precision, eval-only copy of a transformed GraphModule (module docstring)."""
     if bits is not None:
@@ -154,18 +148,18 @@ def freeze_precision(gm: fx.GraphModule, /, *, bits: tuple[int | None, int | Non
     ctx = Freezing(gm, graph, bits)
     for node in list(graph.nodes):
         inserted = get_inserted(node)
-        freezer = FREEZERS.get(inserted.role) if inserted is not None else None
+        freezer = _freezer(inserted.role) if inserted is not None else None
         if freezer is None:
             continue
         node.replace_all_uses_with(freezer(ctx, node))
         graph.erase_node(node)
-    _remove_unused(graph)
+    remove_dead_nodes(graph)
     for node in graph.nodes:
         inserted = get_inserted(node)
-        if inserted is not None and inserted.role not in FREEZERS:
+        if inserted is not None and _freezer(inserted.role) is None:
             raise ExportError(
                 f"node {node.name} (role {inserted.role!r}) has no freezer and is still used; freeze at one "
-                "precision with bits=(a, w), or register a freezer in fracfx.passes.freeze_precision.FREEZERS"
+                "precision with bits=(a, w), or make it unused before freezing"
             )
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QUANTIZER_TYPES) and node.target not in ctx.modules:
             raise ExportError(f"node {node.name} ({node.target}) is a quantizer without fracfx meta; transform the model with fracfx.transform")

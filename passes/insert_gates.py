@@ -37,8 +37,11 @@ from fracfx.config import EMBED_LAYOUTS
 from fracfx.nn.mixed import FP32Rows, MixedActQuant, MixedGradQuant, SkipMix
 from fracfx.errors import ConfigError, PassError, UnsupportedGraphError
 from fracfx.nn.gates import CandidateTable, GateChoice, gate_embedding
-from fracfx.meta import Inserted, get_binding, get_block, get_block_ports, get_quant_spec, set_block, set_inserted
-from fracfx.passes.infra import copy_graph, rebuild
+from fracfx.meta import (
+    BLOCK, BLOCK_PORTS, CONV, FP32_ROWS, GATE_CHOICE, GATE_EMBED, GATE_HEAD, GATE_STATE, GATE_STEP, INSERTED, QUANT_BINDING,
+    QUANT_SPEC, QUANTIZABLE_KINDS, SKIP_MIX, Inserted, get_block, get_block_ports, get_quant_spec, set_block, set_inserted,
+)
+from fracfx.passes.infra import attr, copy_graph, gated_ops, graph_pass, rebuild
 
 GATE_ROOT = "fracfx_gate"
 
@@ -59,11 +62,12 @@ def _layouts(graph: fx.Graph, indices, embed_layout: str) -> dict[int, str]:
     layouts: dict[int, str] = {}
     for node in graph.nodes:  # execution order: the first conv/linear/matmul of each block decides
         spec, quant = get_block(node), get_quant_spec(node)
-        if spec is not None and quant is not None and spec.index not in layouts and quant.kind in ("conv", "linear", "matmul"):
-            layouts[spec.index] = "channels_first" if quant.kind == "conv" else "tokens"
+        if spec is not None and quant is not None and spec.index not in layouts and quant.kind in QUANTIZABLE_KINDS:
+            layouts[spec.index] = "channels_first" if quant.kind == CONV else "tokens"
     return layouts
 
 
+@graph_pass(reads=(BLOCK, BLOCK_PORTS, QUANT_BINDING, QUANT_SPEC), writes=(INSERTED, BLOCK))
 def insert_gates(
     gm: fx.GraphModule,
     /,
@@ -111,11 +115,11 @@ def insert_gates(
         position = {node: i for i, node in enumerate(graph.nodes)}
         anchor = x if last is None or position[x] > position[last] else last
         with graph.inserting_before(anchor.next):
-            embed = add(f"{GATE_ROOT}.embed.{index}", (x,), "gate_embed", spec, embedding)
-            state = add(f"{GATE_ROOT}.lstm", (embed,) if state is None else (embed, state), "gate_step", spec)
-            h = add(operator.getitem, (state, 0), "gate_state", spec, op="call_function")
-            logits = add(f"{GATE_ROOT}.head", (h,), "gate_head", spec)
-            last = masks[index] = add(f"{GATE_ROOT}.choice.{index}", (logits,), "gate_choice", spec, GateChoice(table))
+            embed = add(f"{GATE_ROOT}.embed.{index}", (x,), GATE_EMBED, spec, embedding)
+            state = add(f"{GATE_ROOT}.lstm", (embed,) if state is None else (embed, state), GATE_STEP, spec)
+            h = add(operator.getitem, (state, 0), GATE_STATE, spec, op="call_function")
+            logits = add(f"{GATE_ROOT}.head", (h,), GATE_HEAD, spec)
+            last = masks[index] = add(f"{GATE_ROOT}.choice.{index}", (logits,), GATE_CHOICE, spec, GateChoice(table))
         set_block(last, spec)
 
     _mix_quantizers(gm, graph, table, masks, modules)
@@ -124,7 +128,7 @@ def insert_gates(
         for index in sorted(specs):
             out, shortcut = ports["output"][index], ports["shortcut"][index]
             with graph.inserting_before(out.next):
-                mix = add(f"{GATE_ROOT}.skip.{index}", (out, replaced.get(shortcut, shortcut), masks[index]), "skip_mix", specs[index], SkipMix(table.skip_index))
+                mix = add(f"{GATE_ROOT}.skip.{index}", (out, replaced.get(shortcut, shortcut), masks[index]), SKIP_MIX, specs[index], SkipMix(table.skip_index))
             out.replace_all_uses_with(mix, delete_user_cb=lambda user: user is not mix)
             replaced[out] = mix
     return rebuild(gm, graph, modules)
@@ -133,17 +137,14 @@ def insert_gates(
 def _mix_quantizers(gm: fx.GraphModule, graph: fx.Graph, table: CandidateTable, masks, modules) -> None:
     """Rewire every quantizer of a gated op to take its block's mask (see the module docstring)."""
     by_target = {n.target: n for n in graph.nodes if n.op == "call_module"}
-    for compute in list(graph.nodes):
-        spec, binding = get_block(compute), get_binding(compute)
-        if spec is None or binding is None:
-            continue
+    for compute, spec, binding in gated_ops(graph):
         mask = masks[spec.index]
         for target in binding.act:
             node = by_target[target]
             node.args = (node.args[0], mask)
-            modules[target] = MixedActQuant(table, gm.get_submodule(target).momentum)
+            modules[target] = MixedActQuant(table, attr(gm, target).momentum)
         grad_node = by_target[binding.grad]
-        old = gm.get_submodule(binding.grad)
+        old = attr(gm, binding.grad)
         mixed = MixedGradQuant(table, old.stochastic)
         mixed.copy_output = old.copy_output
         mixed.set_extra_state(old.get_extra_state())
@@ -165,5 +166,5 @@ def _fp32_rows(graph, compute: fx.Node, weight_node: fx.Node, mask, index: int, 
     modules[target] = FP32Rows(compute.target, index)
     with graph.inserting_before(compute.next):
         node = graph.call_module(target, (compute, mask) + args, kwargs)
-    set_inserted(node, Inserted(role="fp32_rows", serves=compute.name))
+    set_inserted(node, Inserted(role=FP32_ROWS, serves=compute.name))
     return node

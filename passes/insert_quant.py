@@ -15,9 +15,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fracfx.meta import Inserted, QuantBinding, get_quant_spec, set_binding, set_inserted
+from fracfx.meta import (
+    ACT_QUANT, GRAD_QUANT, INSERTED, MATMUL, QUANT_BINDING, QUANT_SPEC, WEIGHT_QUANT, Inserted, QuantBinding, get_quant_spec,
+    set_binding, set_inserted,
+)
 from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
-from fracfx.passes.infra import copy_graph, rebuild
+from fracfx.passes.infra import attr, copy_graph, graph_pass, rebuild
 
 QUANT_ROOT = "fracfx_quant"
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -31,7 +34,7 @@ def _written_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
     """
     for user in node.users:
         if user.op == "call_module":
-            if getattr(gm.get_submodule(user.target), "inplace", False):
+            if getattr(attr(gm, user.target), "inplace", False):
                 return True
             continue
         name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
@@ -46,7 +49,7 @@ def _slot(node: fx.Node, index: int, name: str):
 
 def _functional_module_call(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, x: fx.Node, weight: fx.Node):
     """Rebuild a Conv/Linear call_module as its functional form on the quantized x and weight."""
-    module = gm.get_submodule(node.target)
+    module = attr(gm, node.target)
     bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
     if isinstance(module, nn.Linear):
         return graph.call_function(F.linear, (x, weight, bias))
@@ -58,6 +61,7 @@ def _functional_module_call(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, 
     return graph.call_function(conv, (x, weight, bias, module.stride, padding, module.dilation, module.groups))
 
 
+@graph_pass(reads=(QUANT_SPEC,), writes=(INSERTED, QUANT_BINDING))
 def insert_quant(
     gm: fx.GraphModule,
     /,
@@ -87,21 +91,21 @@ def insert_quant(
             continue
         name = node.name
         with graph.inserting_before(node):
-            if spec.kind == "matmul":
+            if spec.kind == MATMUL:
                 acts = []
                 for i, operand in enumerate(node.args[:2]):
-                    acts.append(add(f"{name}.act{i}", ActQuant(act_bits, act_momentum, integer_zero_point), (operand,), node, "act_quant"))
+                    acts.append(add(f"{name}.act{i}", ActQuant(act_bits, act_momentum, integer_zero_point), (operand,), node, ACT_QUANT))
                 compute = graph.call_function(torch.matmul, tuple(acts))
                 weight_name = None
             else:
                 x = _slot(node, 0, "input")
-                act = add(f"{name}.act", ActQuant(act_bits, act_momentum, integer_zero_point), (x,), node, "act_quant")
+                act = add(f"{name}.act", ActQuant(act_bits, act_momentum, integer_zero_point), (x,), node, ACT_QUANT)
                 acts = [act]
                 if node.op == "call_module":
                     raw_weight = graph.get_attr(f"{node.target}.weight")
                 else:
                     raw_weight = _slot(node, 1, "weight")
-                weight = add(f"{name}.weight", WeightQuant(weight_bits, integer_zero_point=integer_zero_point), (raw_weight,), node, "weight_quant")
+                weight = add(f"{name}.weight", WeightQuant(weight_bits, integer_zero_point=integer_zero_point), (raw_weight,), node, WEIGHT_QUANT)
                 weight_name = weight.target
                 if node.op == "call_module":
                     compute = _functional_module_call(gm, graph, node, act, weight)
@@ -116,7 +120,7 @@ def insert_quant(
                     compute = graph.call_function(node.target, tuple(args), kwargs)
             compute.meta.update(node.meta)
             grad_quant = GradQuant(grad_bits, stochastic_grad, seed=seed, copy_output=_written_in_place(gm, node))
-            grad = add(f"{name}.grad", grad_quant, (compute,), node, "grad_quant")
+            grad = add(f"{name}.grad", grad_quant, (compute,), node, GRAD_QUANT)
             seed += 1
         set_binding(compute, QuantBinding(act=tuple(a.target for a in acts), weight=weight_name, grad=grad.target))
         node.replace_all_uses_with(grad)

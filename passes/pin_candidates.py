@@ -28,22 +28,13 @@ import torch.fx as fx
 from torch import nn
 
 from fracfx.config import FP32_CANDIDATE, SKIP
-from fracfx.nn.mixed import MixedActQuant, MixedGradQuant
 from fracfx.errors import ConfigError, PassError
-from fracfx.nn.gates import CandidateTable, GateChoice
-from fracfx.meta import get_binding, get_block, get_inserted
+from fracfx.meta import BLOCK, FP32_ROWS, GATE_ROLES, INSERTED, QUANT_BINDING, SKIP_MIX, get_block, get_inserted
+from fracfx.nn.gates import CandidateTable
+from fracfx.nn.mixed import MixedActQuant, MixedGradQuant
 from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
-from fracfx.passes.infra import copy_graph, rebuild
-
-
-def gate_choices(gm: fx.GraphModule) -> dict[int, GateChoice]:
-    """Block index -> its GateChoice module, for every gate in gm."""
-    found = {}
-    for node in gm.graph.nodes:
-        inserted = get_inserted(node)
-        if inserted is not None and inserted.role == "gate_choice":
-            found[get_block(node).index] = gm.get_submodule(node.target)
-    return found
+from fracfx.passes.infra import attr, copy_graph, gated_ops, graph_pass, rebuild, remove_dead_nodes
+from fracfx.passes.infra import gate_choices  # noqa: F401  (importable here for the trainer; it lives in infra)
 
 
 def _bits(entry) -> tuple[int, int]:
@@ -65,6 +56,7 @@ def _grad(old: MixedGradQuant, bits: int) -> GradQuant:
     return new.train(old.training)
 
 
+@graph_pass(reads=(BLOCK, QUANT_BINDING, INSERTED))
 def pin_candidates(gm: fx.GraphModule, /, *, choices: Mapping[int, int]) -> fx.GraphModule:
     """Return a static copy of a DFQ model with block i fixed at candidate choices[i] (module docstring)."""
     gates = gate_choices(gm)
@@ -83,38 +75,33 @@ def pin_candidates(gm: fx.GraphModule, /, *, choices: Mapping[int, int]) -> fx.G
     graph, _ = copy_graph(gm)
     modules: dict[str, nn.Module] = {}
     by_target = {n.target: n for n in graph.nodes if n.op == "call_module"}
-    for node in list(graph.nodes):
-        spec, binding = get_block(node), get_binding(node)
-        if spec is None or binding is None:
-            continue
+    for node, spec, binding in gated_ops(graph):
         chosen = entry[spec.index]
         act_bits, grad_bits = _bits(chosen)
         for target in binding.act:
             quant = by_target[target]
-            modules[target] = _act(gm.get_submodule(target), act_bits)
+            modules[target] = _act(attr(gm, target), act_bits)
             quant.args = (quant.args[0],)
         grad_node = by_target[binding.grad]
-        modules[binding.grad] = _grad(gm.get_submodule(binding.grad), grad_bits)
+        modules[binding.grad] = _grad(attr(gm, binding.grad), grad_bits)
         grad_node.args = (grad_node.args[0],)
         if chosen == FP32_CANDIDATE and binding.weight is not None:
-            old: WeightQuant = gm.get_submodule(binding.weight)
-            modules[binding.weight] = WeightQuant(0, old.axis, getattr(old, "integer_zero_point", False))
+            old: WeightQuant = attr(gm, binding.weight)
+            modules[binding.weight] = WeightQuant(0, old.axis, old.integer_zero_point)
     for node in list(graph.nodes):
         inserted = get_inserted(node)
         role = inserted.role if inserted is not None else None
-        if role == "fp32_rows":
+        if role == FP32_ROWS:
             node.replace_all_uses_with(node.args[0])
-        elif role == "skip_mix":
+        elif role == SKIP_MIX:
             out, shortcut, mask = node.args
             node.replace_all_uses_with(shortcut if entry[get_block(mask).index] == SKIP else out)
         else:
             continue
         graph.erase_node(node)
-    for node in reversed(list(graph.nodes)):  # dead code: the gate subgraph, skipped block bodies
-        if node.op not in ("placeholder", "output") and not node.users:
-            graph.erase_node(node)
+    remove_dead_nodes(graph)  # the gate subgraph, skipped block bodies
     for node in graph.nodes:
         inserted = get_inserted(node)
-        if inserted is not None and inserted.role.startswith("gate_"):
+        if inserted is not None and inserted.role in GATE_ROLES:
             raise PassError(f"pin_candidates: gate node {node.name} ({inserted.role}) is still used after pinning every block")
     return rebuild(gm, graph, modules)

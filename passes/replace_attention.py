@@ -44,7 +44,8 @@ from torch import nn
 
 from fracfx.nn.attention import multi_head_attention
 from fracfx.errors import UnsupportedGraphError
-from fracfx.passes.infra import copy_graph, rebuild
+from fracfx.meta import MODULE_STACK
+from fracfx.passes.infra import copy_graph, graph_pass, rebuild
 
 _MHA_PARAMS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v")
 
@@ -55,7 +56,7 @@ class _Emitter:
     def __init__(self, gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, new_modules: dict[str, nn.Module]):
         self.gm, self.new_modules = gm, new_modules
         self.tracer = fx.proxy.GraphAppendingTracer(graph)
-        self.tracer.module_stack = collections.OrderedDict(node.meta.get("nn_module_stack") or {})
+        self.tracer.module_stack = collections.OrderedDict(node.meta.get(MODULE_STACK) or {})
 
     @contextlib.contextmanager
     def scope(self, path: str, cls: type):
@@ -197,6 +198,7 @@ def _substitute(graph: fx.Graph, node: fx.Node, value) -> None:
         user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
 
 
+@graph_pass(writes=(MODULE_STACK,))
 def replace_attention(gm: fx.GraphModule, /, *, keep: Sequence[str] = ()) -> fx.GraphModule:
     """Return a copy of gm with each attention call_module node replaced by its ops (see module docstring)."""
     graph, _ = copy_graph(gm)

@@ -1,14 +1,14 @@
-"""export_onnx: a frozen GraphModule -> onnx.ModelProto whose QDQ nodes fracfx writes itself.
+"""A frozen GraphModule -> onnx.ModelProto whose QDQ nodes fracfx writes itself.
 
-1. marker view: each FrozenActQuant / FrozenWeight call becomes a module whose autograd Function
-   exports (TorchScript exporter, `symbolic`) as one node of the private domain "fracfx" keyed by
+1. the graph pass insert_markers (through the pass runner): each FrozenActQuant / FrozenWeight
+   call becomes a marker module that exports as one node of the private domain "fracfx" keyed by
    the quantizer's submodule path; nothing of torch's fake-quant symbolics is used.
 2. torch.onnx.export(dynamo=False): the float graph. BN, residual adds, pooling and FP32 layers
    export as they are; training=PRESERVE keeps BN unfolded (the frozen reference runs it
    unfolded); the batch axis of every input and output is dynamic. The TorchScript exporter is
    deterministic, takes custom symbolics directly and stops at opset 20, so opset 21 (int4) is
    reached with onnx.version_converter before the markers are lowered.
-3. onnx_qdq.lower_markers: markers -> QuantizeLinear/Clip/DequantizeLinear and integer weights.
+3. fracfx.export.qdq.lower_markers: markers -> QuantizeLinear/Clip/DequantizeLinear and integer weights.
 
 Formats: "int8" (opset >= 13, default 17): uint8 codes for activations and weights, b <= 8.
 "int4" (opset >= 21, default 21): weights packed as uint4 (b <= 4), activations as in "int8".
@@ -28,47 +28,16 @@ from onnx import version_converter
 from torch import nn
 
 from fracfx.errors import ExportError
-from fracfx.nn.frozen import FROZEN_TYPES, FrozenActQuant, FrozenWeight
-from fracfx.passes.freeze_precision import is_frozen
-from fracfx.passes.infra import copy_graph, rebuild
-from fracfx.passes.onnx_qdq import ACT_OP, DOMAIN, WEIGHT_OP, lower_markers, strip_markers
+from fracfx.export.qdq import DOMAIN, lower_markers, strip_markers
+from fracfx.meta import is_frozen
+from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
+from fracfx.passes.infra import frozen_quantizers, run_pipeline, step
+from fracfx.passes.insert_markers import insert_markers
 
 FORMATS = {"int8": {"min_opset": 13, "opset": 17, "weight_bits": 8}, "int4": {"min_opset": 21, "opset": 21, "weight_bits": 4}}
 ACT_MAX_BITS = 8
 TORCH_MAX_OPSET = 20
 MAX_OPSET = 23
-
-
-class _Mark(torch.autograd.Function):
-    """Identity while tracing (an fx graph has no data-dependent control flow, so values do not
-    matter); exports as fracfx::<op>(value) {key}."""
-
-    @staticmethod
-    def forward(ctx, value, op, key):
-        return value.clone()
-
-    @staticmethod
-    def symbolic(g, value, op, key):
-        return g.op(f"{DOMAIN}::{op}", value, key_s=key).setType(value.type())
-
-
-class _ActMarker(nn.Module):
-    def __init__(self, key: str):
-        super().__init__()
-        self.key = key
-
-    def forward(self, x):
-        return _Mark.apply(x, ACT_OP, self.key)
-
-
-class _WeightMarker(nn.Module):
-    def __init__(self, frozen: FrozenWeight, key: str):
-        super().__init__()
-        self.key = key
-        self.register_buffer("value", frozen())
-
-    def forward(self):
-        return _Mark.apply(self.value, WEIGHT_OP, self.key)
 
 
 def resolve_opset(fmt: str, opset: int | None) -> int:
@@ -79,17 +48,6 @@ def resolve_opset(fmt: str, opset: int | None) -> int:
     if not spec["min_opset"] <= opset <= MAX_OPSET:
         raise ExportError(f"format {fmt!r} needs an opset in {spec['min_opset']}..{MAX_OPSET}, got {opset}; leave opset=None for {spec['opset']}")
     return opset
-
-
-def frozen_quantizers(frozen: fx.GraphModule) -> dict[str, nn.Module]:
-    """Submodule path -> frozen quantizer, for every one the graph calls."""
-    found = {}
-    for node in frozen.graph.nodes:
-        if node.op == "call_module":
-            module = frozen.get_submodule(node.target)
-            if isinstance(module, FROZEN_TYPES):
-                found[node.target] = module
-    return found
 
 
 def check_format(frozen: fx.GraphModule, fmt: str) -> None:
@@ -108,12 +66,10 @@ def check_format(frozen: fx.GraphModule, fmt: str) -> None:
 
 
 def marker_view(frozen: fx.GraphModule) -> fx.GraphModule:
-    """The frozen graph with its quantizers replaced by ONNX markers (same graph, same numerics)."""
-    markers = {}
-    for key, module in frozen_quantizers(frozen).items():
-        markers[key] = _ActMarker(key) if isinstance(module, FrozenActQuant) else _WeightMarker(module, key)
-    graph, _ = copy_graph(frozen)
-    return rebuild(frozen, graph, markers).eval()
+    """The frozen graph with ONNX markers for its quantizers (the insert_markers pass, through the runner)."""
+    return run_pipeline(frozen, [
+        step(insert_markers),
+    ])
 
 
 def _names(prefix: str, count: int) -> list[str]:

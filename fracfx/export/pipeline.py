@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from fracfx.errors import ExportError
-from fracfx.meta import FROZEN, FrozenQuant
+from fracfx.meta import ACT_QUANT, FROZEN, WEIGHT_QUANT, FrozenQuant, is_frozen
 from fracfx.nn.quantizers import QUANTIZER_TYPES, ActQuant
 
 
@@ -74,6 +74,7 @@ def calibrate(gm: nn.Module, batches: Iterable) -> nn.Module:
 
 
 ARITHMETIC = ("integer", "dequantized")
+EXACT_LIMIT = 2**24  # float32 represents every integer up to this exactly
 
 
 def freeze(gm: fx.GraphModule, *, bits: tuple[int | None, int | None] | None = None, arithmetic: str = "integer") -> fx.GraphModule:
@@ -86,16 +87,38 @@ def freeze(gm: fx.GraphModule, *, bits: tuple[int | None, int | None] | None = N
     kernels but whose float reassociation makes deep 6-8 bit networks drift by quantization flips.
     """
     from fracfx.passes.freeze_precision import freeze_precision
-    from fracfx.passes.infra import run_pipeline
+    from fracfx.passes.infra import run_pipeline, step
     from fracfx.passes.integer_arithmetic import integer_arithmetic
 
     _require_graph_module(gm)
     if arithmetic not in ARITHMETIC:
         raise ExportError(f"arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}")
-    steps = [("freeze_precision", lambda m: freeze_precision(m, bits=bits))]
-    if arithmetic == "integer":
-        steps.append(("integer_arithmetic", integer_arithmetic))
-    return run_pipeline(gm, steps)
+    return run_pipeline(gm, [
+        step(freeze_precision, bits=bits),
+        step(integer_arithmetic, when=arithmetic == "integer"),
+    ])
+
+
+def partial_sum_bound(frozen: fx.GraphModule) -> dict[str, float]:
+    """Per integer conv/linear: worst-case |partial sum| / 2^24 (< 1: exact in any summation order).
+
+    The bound is max |q_x - zp_x| times the largest per-channel L1 norm of q_w - zp_w.
+    """
+    from fracfx.meta import get_quant_spec
+    from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
+
+    found = {}
+    for node in frozen.graph.nodes:
+        if node.op != "call_function" or get_quant_spec(node) is None or len(node.args) < 2:
+            continue
+        mods = [frozen.get_submodule(a.target) if isinstance(a, fx.Node) and a.op == "call_module" else None for a in node.args[:2]]
+        act, weight = mods
+        if not (isinstance(act, FrozenActQuant) and isinstance(weight, FrozenWeight) and act.centered and weight.centered):
+            continue
+        x_max = max(int(act.zero_point), act.qmax - int(act.zero_point))
+        w = (weight.codes - weight._broadcast(weight.zero_point)).abs().float().movedim(weight.axis, 0)
+        found[node.name] = x_max * w.reshape(w.shape[0], -1).sum(dim=1).max().item() / EXACT_LIMIT
+    return found
 
 
 def _require_graph_module(gm) -> None:
@@ -147,8 +170,8 @@ class ExportReport:
 
     def lines(self) -> list[str]:
         """Human-readable summary (the CLI prints it)."""
-        acts = [q for q in self.quantizers if q.role == "act_quant"]
-        weights = [q for q in self.quantizers if q.role == "weight_quant"]
+        acts = [q for q in self.quantizers if q.role == ACT_QUANT]
+        weights = [q for q in self.quantizers if q.role == WEIGHT_QUANT]
         bits = sorted({(q.role[0], q.bits) for q in self.quantizers})
         out = [
             f"wrote {self.path}: {self.file_bytes / 1e6:.3f} MB, format {self.format}, opset {self.opset}",
@@ -195,8 +218,7 @@ def export_onnx(
     N(0, 1) samples shaped like example_inputs). latency=True times it against its FP32 twin.
     arithmetic is used only when gm is frozen here (see freeze).
     """
-    from fracfx.passes.export_onnx import export_float_model, export_onnx_model, resolve_opset
-    from fracfx.passes.freeze_precision import is_frozen
+    from fracfx.export.onnx_model import export_float_model, export_onnx_model, resolve_opset
 
     example_inputs = _as_tuple(example_inputs)
     opset = resolve_opset(format, opset)
@@ -269,13 +291,15 @@ def describe_onnx(path: str | os.PathLike) -> list[QdqRow]:
     import onnx
     from onnx import TensorProto
 
+    from fracfx.export.qdq import METADATA_KEY
+
     model = onnx.load(os.fspath(path))
     props = {p.key: p.value for p in model.metadata_props}
-    if "fracfx.quantizers" not in props:
+    if METADATA_KEY not in props:
         raise ExportError(f"{os.fspath(path)} was not written by fracfx.export_onnx (no fracfx.quantizers metadata)")
     types = {t.name: TensorProto.DataType.Name(t.data_type).lower() for t in model.graph.initializer}
     rows = []
-    for r in json.loads(props["fracfx.quantizers"]):
+    for r in json.loads(props[METADATA_KEY]):
         key = r["key"]
         dtype = types.get(f"{key}.codes" if r["role"] == "weight" else f"{key}.zero_point", "?")
         rows.append(QdqRow(

@@ -1,4 +1,4 @@
-"""ONNX-level half of export_onnx: lower fracfx marker nodes to QuantizeLinear / DequantizeLinear.
+"""ONNX-level half of the export: lower fracfx marker nodes to QuantizeLinear / DequantizeLinear.
 
 The float graph exported by torch carries one node of the private domain "fracfx" per frozen
 quantizer, with the quantizer's key (its submodule path) as attribute `key`:
@@ -25,10 +25,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
+from fracfx.passes.insert_markers import ACT_OP, DOMAIN, WEIGHT_OP  # noqa: F401  (the markers this lowers)
 
-DOMAIN = "fracfx"
-ACT_OP = "Act"
-WEIGHT_OP = "Weight"
 METADATA_KEY = "fracfx.quantizers"
 _CODE_DTYPES = {"int8": (np.uint8, 8), "int4": (ml_dtypes.uint4, 4)}
 

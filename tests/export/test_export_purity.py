@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fracfx.export import freeze
-from fracfx.passes.export_onnx import export_onnx_model
+from fracfx.export.onnx_model import export_onnx_model
 from fracfx.passes.freeze_precision import freeze_precision
 from fracfx.passes.integer_arithmetic import integer_arithmetic
 from tests.export.helpers import TinyResNet, calibrated, settle_batchnorm

@@ -13,20 +13,12 @@ from fracfx.passes.annotate_blocks import annotate_blocks
 from fracfx.passes.annotate_quant import annotate_quant
 from fracfx.passes.capture import capture_graph
 from fracfx.passes.insert_quant import insert_quant
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from fracfx.passes.propagate_shapes import propagate_shapes
 
 
 def annotated(model, size=16, **options):
     gm = annotate_quant(capture_graph(model), keep_fp32=("@first", "@last"))
-    return annotate_blocks(gm, example_inputs=(torch.randn(2, 3, size, size),), **options)
+    return annotate_blocks(propagate_shapes(gm, example_inputs=(torch.randn(2, 3, size, size),)), **options)
 
 
 def ports(gm, role):
@@ -134,11 +126,12 @@ def test_no_block_names_the_override_options():
 
 def test_pure_and_runs_before_insert_quant():
     gm = annotate_quant(capture_graph(cifar_resnet20()), keep_fp32=("@first", "@last"))
+    gm = propagate_shapes(gm, example_inputs=(torch.randn(1, 3, 16, 16),))
     before = [dict(n.meta) for n in gm.graph.nodes]
-    out = annotate_blocks(gm, example_inputs=(torch.randn(1, 3, 16, 16),))
+    out = annotate_blocks(gm)
     assert out is not gm and [dict(n.meta) for n in gm.graph.nodes] == before
     with pytest.raises(PassError, match="before insert_quant"):
-        annotate_blocks(insert_quant(gm), example_inputs=(torch.randn(1, 3, 16, 16),))
+        annotate_blocks(insert_quant(gm))
 
 
 def test_cifar_mobilenet_v2_gates_its_residual_blocks_with_projection_shortcuts():
