@@ -123,7 +123,7 @@ def dfq_recipe(model, example_input, context: BuildContext, *, scheduler=None) -
         return MethodStatus(round(a, 3), round(w, 3), round(g, 3), stage, points, extra, setpoint=(extra["cp"], extra["target"]))
 
     def export():
-        from fracfx.passes.pin_candidates import gate_choices, pin_candidates
+        from fracfx.api import gate_choices, pin_candidates  # pinning runs through the pass runner
 
         pinned = usage.pinned_candidates()
         index_of = {id(module): index for index, module in gate_choices(gm).items()}
