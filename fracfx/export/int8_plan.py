@@ -171,3 +171,26 @@ def _attr(gm, node):
         raise ExportError(f"bias {node} of a quantized layer is computed in the graph; the fast format needs a parameter")
     owner, _, name = node.target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def batchnorm_ranges(gm: fx.GraphModule, names: list[str], *, sigmas: float) -> dict[str, tuple[float, float]]:
+    """Data-free ranges of new grids that follow a BatchNorm: beta +- sigmas * |gamma| per channel.
+
+    An eval BatchNorm's output is gamma * x_hat + beta with x_hat of unit variance on the
+    training data (its running statistics), so this range is what calibration on training
+    images would find, without the images. Clamps after the BatchNorm narrow it.
+    """
+    found = {}
+    for node in gm.graph.nodes:
+        if not _quantized_conv(gm, node):
+            continue
+        bn, clamps, _, end = conv_chain(gm, node)
+        if end.name not in names or bn is None:
+            continue
+        gamma = bn.weight.detach().abs() if bn.affine else torch.ones_like(bn.running_var)
+        beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_var)
+        lo, hi = float((beta - sigmas * gamma).min()), float((beta + sigmas * gamma).max())
+        for a, b in clamps:
+            lo, hi = min(max(lo, a), b), max(min(hi, b), a)
+        found[end.name] = (lo, hi)
+    return found

@@ -1,0 +1,41 @@
+"""The fast int8 format on real architectures at 8, 6 and 4 bits, 512 inputs (slow: -m slow).
+
+Exported at batch 1, verified in batches of 64 and 7 (dynamic batch): the fast-format contract
+(>= 99.9 % of output elements within one output step of the PyTorch int8 reference, top-1
+agreement >= 99.9 %) at ORT_DISABLE_ALL and ORT_ENABLE_ALL, every conv on QLinearConv.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fracfx.export.fast_int8 import export_fast, verify_fast
+from fracfx.models import build_model
+from tests.export.helpers import calibrated, inputs, settle_batchnorm
+
+SHAPE = (3, 32, 32)
+MODELS = ("cifar_resnet38", "cifar_mobilenet_v2", "resnet18", "mobilenet_v2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 6, 4])
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_format_meets_its_contract_on_512_inputs(tmp_path, name, bits):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    gm = calibrated(settle_batchnorm(build_model(name, num_classes=10), SHAPE), SHAPE, bits)
+    data = inputs(512, SHAPE)
+    report = export_fast(gm, tmp_path / "m.onnx", torch.zeros((1,) + SHAPE), verify=True, verify_inputs=data)
+    print(f"\n{name} a{bits}w{bits}: " + " | ".join(report.lines()[1:]))
+    assert report.verify.samples == 512 and report.verify.ok
+    for level in ("disable_all", "enable_all"):
+        r = report.verify.level(level)
+        assert r.within_step >= 0.999 and r.top1_agreement >= 0.999
+        assert r.fused_ops.get("QLinearConv") == report.stats.qconv and "Conv" not in r.fused_ops
+    convs = sum(1 for n in gm.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target))
+    assert report.stats.qconv == convs
+    import onnx
+
+    odd = verify_fast(onnx.load(str(tmp_path / "m.onnx")), report.reference, data[:35], batch_size=7)
+    assert odd.ok
