@@ -67,6 +67,21 @@ class _Config:
         return dataclasses.replace(self, **changes)
 
 
+def _check_shared_fields(config) -> None:
+    """Validate the fields QuantConfig and DFQConfig both have (quantize, act_momentum, ...)."""
+    kinds = _as_str_tuple(config.quantize, "quantize")
+    for kind in kinds:
+        if kind not in QUANTIZABLE_KINDS:
+            raise ConfigError(f"quantize: unknown op kind {kind!r}{_did_you_mean(kind, QUANTIZABLE_KINDS)}; choose from {QUANTIZABLE_KINDS}")
+    object.__setattr__(config, "quantize", kinds)
+    if not (isinstance(config.act_momentum, (int, float)) and 0.0 <= config.act_momentum < 1.0):
+        raise ConfigError(f"act_momentum must be in [0, 1), got {config.act_momentum!r}")
+    if not isinstance(config.stochastic_grad, bool):
+        raise ConfigError(f"stochastic_grad must be True or False, got {config.stochastic_grad!r}")
+    if not isinstance(config.replace_attention, bool):
+        raise ConfigError(f"replace_attention must be True or False, got {config.replace_attention!r}")
+
+
 def _to_json(value):
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
@@ -113,17 +128,7 @@ class QuantConfig(_Config):
             object.__setattr__(self, name, check_bits(getattr(self, name), name))
         object.__setattr__(self, "keep_fp32", _as_str_tuple(self.keep_fp32, "keep_fp32"))
         object.__setattr__(self, "leaf_modules", _as_str_tuple(self.leaf_modules, "leaf_modules"))
-        kinds = _as_str_tuple(self.quantize, "quantize")
-        for kind in kinds:
-            if kind not in QUANTIZABLE_KINDS:
-                raise ConfigError(f"quantize: unknown op kind {kind!r}{_did_you_mean(kind, QUANTIZABLE_KINDS)}; choose from {QUANTIZABLE_KINDS}")
-        object.__setattr__(self, "quantize", kinds)
-        if not (isinstance(self.act_momentum, (int, float)) and 0.0 <= self.act_momentum < 1.0):
-            raise ConfigError(f"act_momentum must be in [0, 1), got {self.act_momentum!r}")
-        if not isinstance(self.stochastic_grad, bool):
-            raise ConfigError(f"stochastic_grad must be True or False, got {self.stochastic_grad!r}")
-        if not isinstance(self.replace_attention, bool):
-            raise ConfigError(f"replace_attention must be True or False, got {self.replace_attention!r}")
+        _check_shared_fields(self)
 
 
 SKIP = "skip"  # DFQ candidate: the block's output is its shortcut (cost 0)
@@ -215,17 +220,7 @@ class DFQConfig(_Config):
             raise ConfigError(f"embed_dims must be a non-empty sequence of widths, got {self.embed_dims!r}; e.g. (32, 16) or (40,)")
         object.__setattr__(self, "embed_dims", tuple(_check_positive_int(d, "each embed_dims entry") for d in self.embed_dims))
         _check_positive_int(self.hidden, "hidden")
-        kinds = _as_str_tuple(self.quantize, "quantize")
-        for kind in kinds:
-            if kind not in QUANTIZABLE_KINDS:
-                raise ConfigError(f"quantize: unknown op kind {kind!r}{_did_you_mean(kind, QUANTIZABLE_KINDS)}; choose from {QUANTIZABLE_KINDS}")
-        object.__setattr__(self, "quantize", kinds)
-        if not (isinstance(self.act_momentum, (int, float)) and 0.0 <= self.act_momentum < 1.0):
-            raise ConfigError(f"act_momentum must be in [0, 1), got {self.act_momentum!r}")
-        if not isinstance(self.stochastic_grad, bool):
-            raise ConfigError(f"stochastic_grad must be True or False, got {self.stochastic_grad!r}")
-        if not isinstance(self.replace_attention, bool):
-            raise ConfigError(f"replace_attention must be True or False, got {self.replace_attention!r}")
+        _check_shared_fields(self)
 
 
 ALL_CONFIGS: tuple[type[_Config], ...] = (QuantConfig, DFQConfig)

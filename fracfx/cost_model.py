@@ -95,6 +95,32 @@ def priced_ops(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, QuantSpec, int]]:
         yield node, spec, cost.macs_per_sample
 
 
+class Totals:
+    """Effective MACs against the two baselines; a subclass provides effective_macs,
+    fp32_effective_macs and sbm_effective_macs (a report per sample, a meter accumulated)."""
+
+    effective_macs: float
+    fp32_effective_macs: float
+    sbm_effective_macs: float
+
+    @property
+    def ratio_vs_fp32(self) -> float:
+        return ratio(self.effective_macs, self.fp32_effective_macs)
+
+    @property
+    def ratio_vs_sbm(self) -> float:
+        return ratio(self.effective_macs, self.sbm_effective_macs)
+
+    def totals(self) -> dict[str, float]:
+        return {
+            "effective_macs": self.effective_macs,
+            "fp32_effective_macs": self.fp32_effective_macs,
+            "sbm_effective_macs": self.sbm_effective_macs,
+            "ratio_vs_fp32": self.ratio_vs_fp32,
+            "ratio_vs_sbm": self.ratio_vs_sbm,
+        }
+
+
 @dataclasses.dataclass(frozen=True)
 class OpCostRow:
     name: str
@@ -118,7 +144,7 @@ def op_cost(name: str, module_path: str, kind: str, macs: int, a: int, w: int, g
 
 
 @dataclasses.dataclass(frozen=True)
-class CostReport:
+class CostReport(Totals):
     """Per-op rows (per sample, one training step) and totals against FP32 and static 8-bit."""
 
     rows: tuple[OpCostRow, ...]
@@ -139,23 +165,11 @@ class CostReport:
     def sbm_effective_macs(self) -> float:
         return sbm_effective_macs(self.macs)
 
-    @property
-    def ratio_vs_fp32(self) -> float:
-        return ratio(self.effective_macs, self.fp32_effective_macs)
-
-    @property
-    def ratio_vs_sbm(self) -> float:
-        return ratio(self.effective_macs, self.sbm_effective_macs)
-
     def to_dict(self) -> dict:
         return {
             "rows": [dict(dataclasses.asdict(r), effective_macs=r.effective_macs) for r in self.rows],
             "macs": self.macs,
-            "effective_macs": self.effective_macs,
-            "fp32_effective_macs": self.fp32_effective_macs,
-            "sbm_effective_macs": self.sbm_effective_macs,
-            "ratio_vs_fp32": self.ratio_vs_fp32,
-            "ratio_vs_sbm": self.ratio_vs_sbm,
+            **self.totals(),
         }
 
 

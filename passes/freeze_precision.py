@@ -68,7 +68,13 @@ class Freezing:
         new.meta.update(node.meta)
         return new
 
-    def record(self, node: fx.Node, role: str, bits: int, lo, rng, scale, zero_point, extended) -> None:
+    def grid(self, node: fx.Node, role: str, bits: int, lo, rng):
+        """(scale, zero_point) of the integer grid for a range, recorded as a FrozenQuant."""
+        scale, zero_point, extended = integer_grid(lo, rng, bits)
+        self._record(node, role, bits, lo, rng, scale, zero_point, extended)
+        return scale, zero_point
+
+    def _record(self, node: fx.Node, role: str, bits: int, lo, rng, scale, zero_point, extended) -> None:
         shift = (-zero_point.float() * scale - lo.float()).abs() / scale
         kept = shift[~extended] if bool(extended.any()) else shift
         growth = (scale / scale_of(rng.float(), qmax_of(bits))).max().item()
@@ -80,9 +86,8 @@ class Freezing:
 
 
 def _freeze_act(ctx: Freezing, node: fx.Node):
-    module = ctx.gm.get_submodule(node.target)
-    bits = ctx.bits_for(node, module, 0)
-    x = node.args[0]
+    module = attr(ctx.gm, node.target)
+    bits, x = ctx.bits_for(node, module, 0), node.args[0]
     if bits == FP32:
         return x
     lo, rng = getattr(module, "running_lo", None), getattr(module, "running_range", None)
@@ -95,15 +100,13 @@ def _freeze_act(ctx: Freezing, node: fx.Node):
             f"node {node.name} ({node.target}) has no activation range: it never ran in training mode. "
             "Train the model, or calibrate it first with fracfx.export.calibrate(gm, batches)"
         )
-    scale, zero_point, extended = integer_grid(lo, rng, bits)
-    ctx.record(node, meta.ACT_QUANT, bits, lo, rng, scale, zero_point, extended)
+    scale, zero_point = ctx.grid(node, meta.ACT_QUANT, bits, lo, rng)
     return ctx.replace_with(node, FrozenActQuant(bits, scale, zero_point), (x,))
 
 
 def _freeze_weight(ctx: Freezing, node: fx.Node):
-    module = ctx.gm.get_submodule(node.target)
-    bits = ctx.bits_for(node, module, 1)
-    source = node.args[0]
+    module = attr(ctx.gm, node.target)
+    bits, source = ctx.bits_for(node, module, 1), node.args[0]
     if bits == FP32:
         return source
     if not isinstance(source, fx.Node) or source.op != "get_attr":
@@ -114,9 +117,8 @@ def _freeze_weight(ctx: Freezing, node: fx.Node):
     weight = attr(ctx.gm, source.target).detach()
     axis = getattr(module, "axis", 0)
     lo, rng = channel_range(weight, axis)
-    scale, zero_point, extended = integer_grid(lo, rng, bits)
+    scale, zero_point = ctx.grid(node, meta.WEIGHT_QUANT, bits, lo, rng)
     codes = quantize_codes(weight.float(), scale, zero_point, bits)
-    ctx.record(node, meta.WEIGHT_QUANT, bits, lo, rng, scale, zero_point, extended)
     return ctx.replace_with(node, FrozenWeight(bits, codes, scale, zero_point, axis), ())
 
 

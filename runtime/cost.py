@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from fracfx import cost_model
 from fracfx.bits import check_bits, cost_bits
-from fracfx.cost_model import FP32_BITOPS, ratio, step_bitops
+from fracfx.cost_model import FP32_BITOPS, Totals, step_bitops
 from fracfx.errors import ConfigError
 from fracfx.nn.quantizers import QUANTIZER_TYPES
 from fracfx.runtime.plateau import STATE_VERSION
@@ -32,7 +32,38 @@ def pfq_cost_fraction(fw_bits: int, bw_bits: int) -> float:
     return step_bitops(a, a, g) / (3 * FP32_BITOPS)
 
 
-class CostMeter:
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1 (the samples in this iteration), got {batch_size!r}")
+    return batch_size
+
+
+class Meter(Totals):
+    """What every cost meter counts: iterations, samples, and the baselines, which scale with the
+    sample count alone (fp32_per_sample, sbm_per_sample are set by the meter)."""
+
+    iterations: int
+    samples: int
+    fp32_per_sample: float
+    sbm_per_sample: float
+
+    def _advance(self, batch_size: int) -> None:
+        self.iterations += 1
+        self.samples += batch_size
+
+    @property
+    def fp32_effective_macs(self) -> float:
+        return self.fp32_per_sample * self.samples
+
+    @property
+    def sbm_effective_macs(self) -> float:
+        return self.sbm_per_sample * self.samples
+
+    def summary(self) -> dict[str, float | int]:
+        return {"iterations": self.iterations, "samples": self.samples, **self.totals()}
+
+
+class CostMeter(Meter):
     """Accumulates effective MACs of training `gm` (made with fracfx.transform(..., example_inputs=...))."""
 
     def __init__(self, gm: fx.GraphModule):
@@ -61,41 +92,10 @@ class CostMeter:
 
     def step(self, batch_size: int) -> float:
         """Account one iteration on `batch_size` samples (the actual one); returns its effective MACs."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an int >= 1 (the samples in this iteration), got {batch_size!r}")
-        cost = self.per_sample * batch_size
-        self.iterations += 1
-        self.samples += batch_size
+        cost = self.per_sample * check_batch_size(batch_size)
+        self._advance(batch_size)
         self.effective_macs += cost
         return cost
-
-    # The baselines scale with the sample count alone, so they need no state of their own.
-    @property
-    def fp32_effective_macs(self) -> float:
-        return self.fp32_per_sample * self.samples
-
-    @property
-    def sbm_effective_macs(self) -> float:
-        return self.sbm_per_sample * self.samples
-
-    @property
-    def ratio_vs_fp32(self) -> float:
-        return ratio(self.effective_macs, self.fp32_effective_macs)
-
-    @property
-    def ratio_vs_sbm(self) -> float:
-        return ratio(self.effective_macs, self.sbm_effective_macs)
-
-    def summary(self) -> dict[str, float | int]:
-        return {
-            "iterations": self.iterations,
-            "samples": self.samples,
-            "effective_macs": self.effective_macs,
-            "fp32_effective_macs": self.fp32_effective_macs,
-            "sbm_effective_macs": self.sbm_effective_macs,
-            "ratio_vs_fp32": self.ratio_vs_fp32,
-            "ratio_vs_sbm": self.ratio_vs_sbm,
-        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -33,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 
 from fracfx.cost_model import FP32_BITOPS, fp32_effective_macs, op_bits, priced_ops, ratio, sbm_effective_macs, step_bitops
+from fracfx.runtime.cost import Meter, check_batch_size
 from fracfx.errors import ConfigError
 from fracfx.meta import GATE_EMBED, GATE_HEAD, GATE_STEP, get_binding, get_block, get_inserted
 from fracfx.nn.gates import choice_of
@@ -63,7 +64,7 @@ def gate_macs_per_sample(gm: fx.GraphModule) -> int:
     return total
 
 
-class DFQCostMeter:
+class DFQCostMeter(Meter):
     """Accumulates the effective MACs of DFQ training from the candidates each sample used."""
 
     def __init__(self, gm: fx.GraphModule, controller: DFQController):
@@ -118,15 +119,13 @@ class DFQCostMeter:
 
     def step(self, batch_size: int) -> float:
         """Account the training step just taken on `batch_size` samples; returns its effective MACs."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an int >= 1 (the samples in this iteration), got {batch_size!r}")
+        check_batch_size(batch_size)
         bitops = 0.0
         for block, counts in zip(self.controller.blocks, self.counts(batch_size)):
             bitops += sum(n * unit for n, unit in zip(counts, block.units()) if n)
         gated = bitops / FP32_BITOPS
         ungated = self.ungated_per_sample * batch_size
-        self.iterations += 1
-        self.samples += batch_size
+        self._advance(batch_size)
         self.gated_effective_macs += gated
         self.ungated_effective_macs += ungated
         return gated + ungated
@@ -139,28 +138,13 @@ class DFQCostMeter:
     def gate_effective_macs(self) -> float:
         return self.gate_per_sample * self.samples
 
-    @property
-    def fp32_effective_macs(self) -> float:
-        return self.fp32_per_sample * self.samples
-
-    @property
-    def sbm_effective_macs(self) -> float:
-        return self.sbm_per_sample * self.samples
-
     def summary(self) -> dict[str, float | int]:
-        fp32, sbm = self.fp32_effective_macs, self.sbm_effective_macs
         return {
-            "iterations": self.iterations,
-            "samples": self.samples,
-            "effective_macs": self.effective_macs,
-            "fp32_effective_macs": fp32,
-            "sbm_effective_macs": sbm,
-            "ratio_vs_fp32": ratio(self.effective_macs, fp32),
-            "ratio_vs_sbm": ratio(self.effective_macs, sbm),
+            **super().summary(),
             "gated_effective_macs": self.gated_effective_macs,
             "ungated_effective_macs": self.ungated_effective_macs,
             "gate_effective_macs": self.gate_effective_macs,
-            "ratio_vs_sbm_with_gate": ratio(self.effective_macs + self.gate_effective_macs, sbm),
+            "ratio_vs_sbm_with_gate": ratio(self.effective_macs + self.gate_effective_macs, self.sbm_effective_macs),
         }
 
     def state_dict(self) -> dict[str, Any]:

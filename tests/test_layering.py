@@ -10,9 +10,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fracfx": ROOT / "fracfx", "fracfx.passes": ROOT / "passes", "fracfx.runtime": ROOT / "runtime"}
 MAX_LINES = 400
 MAX_TOP_LEVEL_MODULES = 12
-# the trainer is being split into modules of at most ~300 lines (its own change); until then it is
-# checked by the xfail below (it passes, XPASS, once the split lands: then drop BEING_SPLIT)
-BEING_SPLIT = {"fracfx/train/__init__.py"}
 
 
 def _product_files():
@@ -87,18 +84,9 @@ def test_the_checker_sees_imports_inside_functions():
     assert {"fracfx.api", "fracfx.api.transform", "fracfx.passes.infra"} <= names
 
 
-def _too_long() -> dict[str, int]:
-    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for _, _, p in _product_files()}
-    return {path: n for path, n in lengths.items() if n > MAX_LINES}
-
-
 def test_no_product_file_is_over_the_line_limit():
-    assert {p: n for p, n in _too_long().items() if p not in BEING_SPLIT} == {}
-
-
-@pytest.mark.xfail(strict=False, reason="the trainer split has not landed yet")
-def test_the_trainer_is_split_too():
-    assert not BEING_SPLIT & set(_too_long())
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for _, _, p in _product_files()}
+    assert {path: n for path, n in lengths.items() if n > MAX_LINES} == {}
 
 
 def test_fracfx_top_level_stays_small():

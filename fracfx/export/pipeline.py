@@ -24,6 +24,7 @@ from torch import nn
 
 from fracfx.errors import ExportError
 from fracfx.meta import ACT_QUANT, FROZEN, WEIGHT_QUANT, FrozenQuant, is_frozen
+from fracfx.nn.mixed import MixedActQuant
 from fracfx.nn.quantizers import QUANTIZER_TYPES, ActQuant
 
 
@@ -43,8 +44,8 @@ def _eval_mode(model: nn.Module):
 
 
 def _tracks_range(module: nn.Module) -> bool:
-    """ActQuant and anything shaped like it (DFQ's MixedActQuant): running range + momentum."""
-    return isinstance(module, ActQuant) or (hasattr(module, "running_range") and hasattr(module, "momentum") and hasattr(module, "running_lo"))
+    """The quantizers that keep a running activation range: ActQuant and DFQ's MixedActQuant."""
+    return isinstance(module, (ActQuant, MixedActQuant))
 
 
 @torch.no_grad()

@@ -26,3 +26,13 @@ EXAMPLE = (torch.randn(2, 3, 6, 6),)
 @pytest.fixture
 def convnet():
     return ConvNet()
+
+
+def force(gm, index):
+    """Make every gate of a DFQ model pick candidate `index` (None: all logits equal, a tie everywhere)."""
+    head = gm.get_submodule("fracfx_gate.head")
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        if index is not None:
+            head.bias[index] = 10.0

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import fracfx
+from tests.passes.conftest import force
 from fracfx.config import CIFAR_CANDIDATES, IMAGENET_CANDIDATES
 from fracfx.nn.mixed import MixedActQuant, MixedGradQuant
 from fracfx.errors import ConfigError, UnsupportedGraphError
@@ -58,13 +59,6 @@ def gate_choices(gm):
     return [m for m in gm.modules() if isinstance(m, GateChoice)]
 
 
-def force(gm, index):
-    head = gm.get_submodule("fracfx_gate.head")
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        if index is not None:
-            head.bias[index] = 10.0
 
 
 @contextlib.contextmanager

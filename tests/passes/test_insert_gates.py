@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 import fracfx
+from tests.passes.conftest import force
 from fracfx.config import CIFAR_CANDIDATES
 from fracfx.nn.mixed import MixedActQuant, MixedGradQuant
 from fracfx.errors import ConfigError
@@ -22,14 +23,6 @@ def dfq(model, **options):
     return fracfx.transform(model, fracfx.DFQConfig(**options), example_inputs=EXAMPLE)
 
 
-def force(gm, index):
-    """Make every gate pick candidate `index` (index None: all logits equal, a tie everywhere)."""
-    head = gm.get_submodule("fracfx_gate.head")
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        if index is not None:
-            head.bias[index] = 10.0
 
 
 def choices(gm):

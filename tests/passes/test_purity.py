@@ -13,21 +13,9 @@ from fracfx.config import CIFAR_CANDIDATES
 from fracfx.export import calibrate
 from fracfx.models import build_model
 from fracfx.passes.infra import run_pipeline, step
+from tests.passes.conftest import EXAMPLE, ConvNet as Net
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        y = self.bn(self.conv(x)).relu().mean((2, 3))
-        return self.fc(y) @ torch.ones(3, 3)
-
-
-EXAMPLE = (torch.randn(2, 3, 6, 6),)
 BLOCK_EXAMPLE = (torch.randn(2, 3, 8, 8),)
 DFQ = fracfx.DFQConfig(candidates=(*CIFAR_CANDIDATES, "skip", "fp32"))
 
