@@ -226,14 +226,18 @@ def check_same_config(saved: TrainConfig, given: TrainConfig) -> None:
         if field.name == "options":
             for key, value in given.options.items():
                 if value != defaults.options.get(key) and value != saved.options.get(key):
-                    raise ConfigError(f"--{key} {value!r} differs from the resumed run's {saved.options.get(key)!r}; a resumed run keeps its config")
+                    raise ConfigError(f"{_flag(key)} {value!r} differs from the resumed run's {saved.options.get(key)!r}; a resumed run keeps its config")
             continue
         value = getattr(given, field.name)
         if value != getattr(defaults, field.name) and value != getattr(saved, field.name):
             raise ConfigError(
-                f"--{field.name} {value!r} differs from the resumed run's {getattr(saved, field.name)!r}; "
+                f"{_flag(field.name)} {value!r} differs from the resumed run's {getattr(saved, field.name)!r}; "
                 "a resumed run keeps the config it started with (drop the flag, or start a new run)"
             )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _option_names() -> set[str]:

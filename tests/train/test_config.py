@@ -72,7 +72,7 @@ def test_resume_compares_only_the_settings_given():
     check_same_config(saved, TrainConfig(method="pfq", workers=2))
     with pytest.raises(ConfigError, match="--lr 0.3 differs"):
         check_same_config(saved, TrainConfig(method="pfq", lr=0.3))
-    with pytest.raises(ConfigError, match="--initial_threshold 0.7 differs"):
+    with pytest.raises(ConfigError, match="--initial-threshold 0.7 differs"):
         check_same_config(saved, TrainConfig(method="pfq", initial_threshold=0.7))
 
 

@@ -80,8 +80,8 @@ def dfq_options(target_ratio: float, target_help: str) -> tuple[Option, ...]:
 
 
 def dfq_recipe(model, example_input, context: BuildContext, *, scheduler=None) -> Recipe:
-    """The DFQ recipe; with `scheduler` (a FracTrainScheduler built on the returned controller's
-    factory, see fractrain.py) its stage and set-point enter the statistics and the schedule."""
+    """The DFQ recipe. scheduler: None, or controller -> FracTrainScheduler (fractrain.py): it is
+    stepped after the usage statistics, and its stage and turning points enter the status."""
     from fracfx.api import transform
     from fracfx.nn.precision import seed_rounding
     from fracfx.runtime import DFQController

@@ -14,10 +14,6 @@ from fracfx.train.config import Option
 from fracfx.train.recipe import BuildContext
 
 
-def check_bit_width(value, name: str) -> int:
-    return check_bits(value, name)
-
-
 def check_schedule(value, name: str) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ConfigError(f"{name} must be a sequence of bit widths, got {value!r}")
@@ -37,7 +33,7 @@ def check_count(value, name: str) -> int:
 
 
 def bits_option(name: str, default: int, help: str) -> Option:
-    return Option(name, int, default, help, check=check_bit_width)
+    return Option(name, int, default, help, check=check_bits)
 
 
 def bit_options(what: str = "", weight_default: int = 8) -> tuple[Option, ...]:
