@@ -217,8 +217,13 @@ def export_onnx(
     verify=True checks the file (onnx.checker full_check, onnxruntime at ORT_DISABLE_ALL and
     ORT_ENABLE_ALL) against the frozen model on `verify_inputs` (batch first; default: 64 seeded
     N(0, 1) samples shaped like example_inputs). latency=True times it against its FP32 twin.
-    arithmetic is used only when gm is frozen here (see freeze).
+    arithmetic is used only when gm is frozen here (see freeze). format "int8" / "int4" is the exact
+    QDQ form; "int8-fast" / "int8-fast-vnni" run on onnxruntime's integer kernels (fracfx.export.fast_int8).
     """
+    if format.startswith("int8-fast"):
+        from fracfx.export.fast_int8 import export_fast
+
+        return export_fast(gm, path, example_inputs, format=format, verify=verify, verify_inputs=verify_inputs, latency=latency)
     from fracfx.export.onnx_model import export_float_model, export_onnx_model, resolve_opset
 
     example_inputs = _as_tuple(example_inputs)
