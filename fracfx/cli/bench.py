@@ -10,6 +10,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+RUNS = ("fp32", "static", "dfq", "fp32-compiled", "static-compiled")  # fracfx.bench.step.RUNS, without importing it here
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks: quantized training step vs FP32; transform time")
@@ -21,8 +23,11 @@ def register(subparsers) -> None:
     step.add_argument("--in-channels", type=int, default=3)
     step.add_argument("--bits", default="8,8,8", help="a,w,g bits of the quantized run (default 8,8,8)")
     step.add_argument("--keep-fp32", nargs="*", default=["@last"], help="globs / @first / @last kept FP32 (default @last)")
-    step.add_argument("--method", choices=("static", "dfq"), default="static",
-                      help="static: fixed --bits; dfq: gated per-sample precision (DFQConfig defaults, w=4) with its cost term")
+    step.add_argument("--runs", default=",".join(RUNS),
+                      help=f"comma-separated runs, always with fp32 (default all: {','.join(RUNS)}); static: fixed --bits; "
+                           "dfq: gated per-sample precision (DFQConfig defaults, w=4) with its cost term; *-compiled: torch.compile(model)")
+    step.add_argument("--method", choices=("static", "dfq"), default=None, help="shorthand for --runs fp32,METHOD")
+    step.add_argument("--profile-steps", type=int, default=3, help="steps profiled for the quantizers' share of the step (0: skip)")
     step.add_argument("--repeats", type=int, default=7)
     step.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     step.set_defaults(func=run_step)
@@ -53,41 +58,31 @@ def _parse_bits(text: str) -> tuple[int, int, int]:
 
 
 def run_step(args) -> int:
-    import fracfx
-    from fracfx.bench.timing import interleaved, training_step
-    from fracfx.models import build_model
+    from fracfx.bench.step import run_step_benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    a, w, g = _parse_bits(args.bits)
-    float_model = build_model(args.arch, in_channels=args.in_channels)
-    batch = torch.randn(args.batch_size, args.in_channels, args.input_size, args.input_size)
-    labels = torch.randint(0, 10, (args.batch_size,))
-    if args.method == "dfq":
-        from fracfx.runtime import DFQController
-
-        quant_model = fracfx.transform(float_model, fracfx.DFQConfig(), example_inputs=batch[:2])
-        controller = DFQController(quant_model, target_ratio=3.0)
-        name, extra_loss = "dfq", controller.cost_loss
-    else:
-        config = fracfx.QuantConfig(act_bits=a, weight_bits=w, grad_bits=g, keep_fp32=tuple(args.keep_fp32))
-        quant_model = fracfx.transform(float_model, config)
-        name, extra_loss = f"{a}/{w}/{g}", None
-    timings = interleaved(
-        {"fp32": training_step(float_model, batch, labels), name: training_step(quant_model, batch, labels, extra_loss=extra_loss)},
-        repeats=args.repeats,
-    )
-    base = timings[0]
-    pair_ratios = [q / f for q, f in zip(timings[1].seconds, base.seconds)]
-    table = Table(title=f"training step ({args.method}), {args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads, {args.repeats} interleaved rounds")
-    for col in ("run", "median s", "min s", "max s", "median / fp32"):
-        table.add_column(col, justify="right")
-    for t in timings:
-        table.add_row(t.name, f"{t.median:.3f}", f"{min(t.seconds):.3f}", f"{max(t.seconds):.3f}", f"{t.median / base.median:.3f}")
+    runs = ("fp32", args.method) if args.method else tuple(r.strip() for r in args.runs.split(",") if r.strip())
+    runs = tuple(dict.fromkeys(("fp32",) + tuple(runs)))
     console = Console()
+    report = run_step_benchmark(arch=args.arch, batch_size=args.batch_size, input_size=args.input_size, in_channels=args.in_channels,
+                                bits=_parse_bits(args.bits), keep_fp32=tuple(args.keep_fp32), runs=runs, repeats=args.repeats,
+                                profile_steps=args.profile_steps, log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    kernels = "fused C++ quantizer kernels" if report.fused_kernels else "eager torch quantizers (fused kernels unavailable)"
+    table = Table(title=f"training step, {report.arch}, batch {report.batch_size}, {report.device}, {report.threads} threads, "
+                        f"{report.repeats} interleaved rounds, {kernels}")
+    for col in ("run", "median s", "min s", "max s", "vs", "ratio of medians", "median paired ratio"):
+        table.add_column(col, justify="right")
+    for t in report.timings:
+        base = report.baselines[t.name]
+        same = base == t.name
+        table.add_row(t.name, f"{t.median:.3f}", f"{min(t.seconds):.3f}", f"{max(t.seconds):.3f}", "" if same else base,
+                      "1.000" if same else f"{report.ratio(t.name):.3f}x", "" if same else f"{report.paired_ratio(t.name):.3f}x")
     console.print(table)
-    console.print(f"ratio of medians: {timings[1].median / base.median:.3f}x   median of paired ratios: {statistics.median(pair_ratios):.3f}x")
+    for name, seconds in report.compile_seconds.items():
+        console.print(f"compile time ({name}, first step, not in the rounds): {seconds:.1f} s")
+    if report.quantizer_share is not None:
+        console.print(f"quantizers' share of the {'/'.join(map(str, report.bits))} step (profiler): {100 * report.quantizer_share:.1f} %")
     return 0
 
 

@@ -127,7 +127,9 @@ class GradQuant(_Quantizer):
 
     def _next_counter(self) -> torch.Tensor:
         counter = self.noise_counter.clone()
-        self.noise_counter.add_(1)
+        # copy_, not add_(1): under torch.compile (torch 2.14) `clone(); buffer.add_(1)` hands the
+        # backward the incremented value (tests/nn/test_compile.py checks compiled == eager)
+        self.noise_counter.copy_(counter + 1)
         return counter
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
