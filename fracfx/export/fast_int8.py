@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from fracfx.errors import ExportError
+from fracfx.meta import FROZEN
 from fracfx.export.fast_report import FastExportReport, verify_fast
 from fracfx.export.int8_ops import Builder, Int8Reference
 
@@ -185,6 +186,6 @@ def export_fast(gm, path, example_inputs, *, format: str = "int8-fast", calibrat
         from fracfx.export.verify import compare_latency
 
         timing = compare_latency(path, float_twin(frozen, example_inputs), example_inputs)
-    report = FastExportReport(path, format, OPSET, os.path.getsize(path), stats, check, timing, frozen.meta.get("fracfx_frozen", ()))
+    report = FastExportReport(path, format, OPSET, os.path.getsize(path), stats, check, timing, frozen.meta.get(FROZEN, ()))
     object.__setattr__(report, "reference", reference)  # the file's Int8Reference; not a field (asdict / JSON skip it)
     return report
