@@ -11,7 +11,7 @@ from fracfx.cli import main
 
 def test_export_zoo_model_with_verify(tmp_path, capsys):
     out = tmp_path / "r20.onnx"
-    code = main(["export", "cifar_resnet20", "-o", str(out), "--bits", "4,3", "--verify", "--verify-samples", "16", "--json"])
+    code = main(["export", "cifar_resnet20", "-o", str(out), "--bits", "4,3", "--format", "int8", "--verify", "--verify-samples", "16", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "int8" and report["frozen_implicitly"] is True
@@ -20,6 +20,15 @@ def test_export_zoo_model_with_verify(tmp_path, capsys):
     assert strict["max_rel_error"] < 1e-4 and strict["top1_agreement"] == 1.0
     assert report["freeze_deviation"]["samples"] == 16
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_default_format_is_int8_fast_on_integer_kernels(tmp_path, capsys):
+    out = tmp_path / "r20.onnx"
+    code = main(["export", "cifar_resnet20", "-o", str(out), "--bits", "6,4", "--input-size", "16", "--verify", "--verify-samples", "16", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "int8-fast" and report["stats"]["qconv"] > 0
+    assert all(level["within_step"] >= 0.999 and level["fused_ops"]["QLinearConv"] > 0 for level in report["verify"]["levels"])
 
 
 def test_export_prints_summary_and_int4(tmp_path, capsys):
@@ -54,7 +63,7 @@ def test_inspect_lists_the_qdq_quantizers_of_an_exported_file(tmp_path, capsys):
     from fracfx.cli import main as cli_main
 
     path = tmp_path / "m.onnx"
-    assert cli_main(["export", "cifar_resnet20", "-o", str(path), "--bits", "4,4", "--input-size", "16", "--calib-batches", "1"]) == 0
+    assert cli_main(["export", "cifar_resnet20", "-o", str(path), "--bits", "4,4", "--format", "int8", "--input-size", "16", "--calib-batches", "1"]) == 0
     capsys.readouterr()
     assert cli_main(["inspect", str(path), "--json"]) == 0
     rows = _json.loads(capsys.readouterr().out)
