@@ -34,6 +34,8 @@ UNSUPPORTED = "unsupported"  # a compute op fracfx cannot quantize: reported, ke
 ACT_QUANT, WEIGHT_QUANT, GRAD_QUANT = "act_quant", "weight_quant", "grad_quant"
 GATE_EMBED, GATE_STEP, GATE_STATE, GATE_HEAD, GATE_CHOICE = "gate_embed", "gate_step", "gate_state", "gate_head", "gate_choice"
 GATE_ROLES = (GATE_EMBED, GATE_STEP, GATE_STATE, GATE_HEAD, GATE_CHOICE)  # the gate subgraph of a block
+# BlockPort.role: the values of a gated block its gate and "skip" candidate need
+PORT_INPUT, PORT_SHORTCUT, PORT_OUTPUT = "input", "shortcut", "output"
 FP32_ROWS = "fp32_rows"  # DFQ "fp32" candidate: the op's float result for the samples that chose it
 SKIP_MIX = "skip_mix"  # DFQ "skip" candidate: the block's shortcut for the samples that chose it
 

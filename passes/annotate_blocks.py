@@ -51,7 +51,7 @@ import torch.fx as fx
 
 from fracfx.errors import ConfigError, PassError, UnsupportedGraphError
 from fracfx.meta import (
-    BLOCK, BLOCK_PORTS, MATMUL, MODULE_STACK, QUANT_SPEC, SHAPE, BlockPort, BlockSpec, add_block_port, get_inserted,
+    BLOCK, BLOCK_PORTS, MATMUL, MODULE_STACK, PORT_INPUT, PORT_OUTPUT, PORT_SHORTCUT, QUANT_SPEC, SHAPE, BlockPort, BlockSpec, add_block_port, get_inserted,
     get_quant_spec, get_shape, set_block,
 )
 from fracfx.passes.infra import copy_graph, graph_pass, rebuild
@@ -261,8 +261,8 @@ def annotate_blocks(gm: fx.GraphModule, /, *, block_types: Sequence[str] = (), b
         for node in region.nodes:
             if _is_compute(node):
                 set_block(node, spec)
-        add_block_port(region.x, BlockPort("input", spec))
+        add_block_port(region.x, BlockPort(PORT_INPUT, spec))
         if region.shortcut is not None:
-            add_block_port(region.shortcut, BlockPort("shortcut", spec))
-        add_block_port(region.out, BlockPort("output", spec))
+            add_block_port(region.shortcut, BlockPort(PORT_SHORTCUT, spec))
+        add_block_port(region.out, BlockPort(PORT_OUTPUT, spec))
     return rebuild(gm, graph)

@@ -41,7 +41,7 @@ from fracfx.passes.infra import attr, copy_graph, graph_pass, rebuild, remove_de
 
 
 @dataclasses.dataclass
-class Freezing:
+class _Freezing:
     """What a freezer may read (gm, bits) and write (modules, records)."""
 
     gm: fx.GraphModule
@@ -85,7 +85,7 @@ class Freezing:
         ))
 
 
-def _freeze_act(ctx: Freezing, node: fx.Node):
+def _freeze_act(ctx: _Freezing, node: fx.Node):
     module = attr(ctx.gm, node.target)
     bits, x = ctx.bits_for(node, module, 0), node.args[0]
     if bits == FP32:
@@ -104,7 +104,7 @@ def _freeze_act(ctx: Freezing, node: fx.Node):
     return ctx.replace_with(node, FrozenActQuant(bits, scale, zero_point), (x,))
 
 
-def _freeze_weight(ctx: Freezing, node: fx.Node):
+def _freeze_weight(ctx: _Freezing, node: fx.Node):
     module = attr(ctx.gm, node.target)
     bits, source = ctx.bits_for(node, module, 1), node.args[0]
     if bits == FP32:
@@ -122,11 +122,11 @@ def _freeze_weight(ctx: Freezing, node: fx.Node):
     return ctx.replace_with(node, FrozenWeight(bits, codes, scale, zero_point, axis), ())
 
 
-def _strip(ctx: Freezing, node: fx.Node):
+def _strip(ctx: _Freezing, node: fx.Node):
     return node.args[0]
 
 
-def _freezer(role: str) -> Callable[[Freezing, fx.Node], object] | None:
+def _freezer(role: str) -> Callable[[_Freezing, fx.Node], object] | None:
     """What freezing does to an inserted node of `role` (None: nothing, it must be dead after)."""
     match role:
         case meta.ACT_QUANT:  # ActQuant, and DFQ's MixedActQuant(x, mask) at explicit bits
@@ -147,7 +147,7 @@ def freeze_precision(gm: fx.GraphModule, /, *, bits: tuple[int | None, int | Non
             raise ExportError(f"bits must be (act_bits, weight_bits), got {bits!r}")
         bits = (check_bits(bits[0], "act bits"), check_bits(bits[1], "weight bits"))
     graph, _ = copy_graph(gm)
-    ctx = Freezing(gm, graph, bits)
+    ctx = _Freezing(gm, graph, bits)
     for node in list(graph.nodes):
         inserted = get_inserted(node)
         freezer = _freezer(inserted.role) if inserted is not None else None

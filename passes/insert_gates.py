@@ -39,7 +39,7 @@ from fracfx.errors import ConfigError, PassError, UnsupportedGraphError
 from fracfx.nn.gates import CandidateTable, GateChoice, gate_embedding
 from fracfx.meta import (
     BLOCK, BLOCK_PORTS, CONV, FP32_ROWS, GATE_CHOICE, GATE_EMBED, GATE_HEAD, GATE_STATE, GATE_STEP, INSERTED, QUANT_BINDING,
-    QUANT_SPEC, QUANTIZABLE_KINDS, SKIP_MIX, Inserted, get_block, get_block_ports, get_quant_spec, set_block, set_inserted,
+    PORT_INPUT, PORT_OUTPUT, PORT_SHORTCUT, QUANT_SPEC, QUANTIZABLE_KINDS, SKIP_MIX, Inserted, get_block, get_block_ports, get_quant_spec, set_block, set_inserted,
 )
 from fracfx.passes.infra import attr, copy_graph, gated_ops, graph_pass, rebuild
 
@@ -47,7 +47,7 @@ GATE_ROOT = "fracfx_gate"
 
 
 def _ports(graph: fx.Graph):
-    specs, ports = {}, {"input": {}, "shortcut": {}, "output": {}}
+    specs, ports = {}, {PORT_INPUT: {}, PORT_SHORTCUT: {}, PORT_OUTPUT: {}}
     for node in graph.nodes:
         for port in get_block_ports(node):
             specs[port.block.index] = port.block
@@ -65,6 +65,17 @@ def _layouts(graph: fx.Graph, indices, embed_layout: str) -> dict[int, str]:
         if spec is not None and quant is not None and spec.index not in layouts and quant.kind in QUANTIZABLE_KINDS:
             layouts[spec.index] = "channels_first" if quant.kind == CONV else "tokens"
     return layouts
+
+
+def _check_blocks(specs, table: CandidateTable) -> None:
+    for spec in specs:
+        if len(spec.input_shape) < 1:
+            raise UnsupportedGraphError(f"the input of block '{spec.module_path}' has no channel dimension; a gate embeds (B, C, ...) or (B, T, C) tensors")
+        if table.skip_index is not None and not spec.residual:
+            raise ConfigError(
+                f"block '{spec.module_path}' has no residual shortcut, so the 'skip' candidate is undefined "
+                "there; remove 'skip' from candidates or gate only residual blocks"
+            )
 
 
 @graph_pass(reads=(BLOCK, BLOCK_PORTS, QUANT_BINDING, QUANT_SPEC), writes=(INSERTED, BLOCK))
@@ -86,13 +97,7 @@ def insert_gates(
     if not specs:
         raise PassError("insert_gates found no annotated block: run annotate_blocks first")
     layouts = _layouts(graph, specs, embed_layout)
-    if table.skip_index is not None:
-        for spec in specs.values():
-            if not spec.residual:
-                raise ConfigError(
-                    f"block '{spec.module_path}' has no residual shortcut, so the 'skip' candidate is undefined "
-                    "there; remove 'skip' from candidates or gate only residual blocks"
-                )
+    _check_blocks(specs.values(), table)
     modules: dict[str, nn.Module] = {
         f"{GATE_ROOT}.lstm": nn.LSTMCell(embed_dims[-1], hidden),
         f"{GATE_ROOT}.head": nn.Linear(hidden, len(table)),
@@ -108,9 +113,7 @@ def insert_gates(
     masks: dict[int, fx.Node] = {}
     state = last = None
     for index in sorted(specs):
-        spec, x = specs[index], ports["input"][index]
-        if len(spec.input_shape) < 1:
-            raise UnsupportedGraphError(f"the input of block '{spec.module_path}' has no channel dimension; a gate embeds (B, C, ...) or (B, T, C) tensors")
+        spec, x = specs[index], ports[PORT_INPUT][index]
         embedding = gate_embedding(layouts[index], spec.input_shape, tuple(embed_dims))
         position = {node: i for i, node in enumerate(graph.nodes)}
         anchor = x if last is None or position[x] > position[last] else last
@@ -126,7 +129,7 @@ def insert_gates(
     if table.skip_index is not None:
         replaced: dict[fx.Node, fx.Node] = {}
         for index in sorted(specs):
-            out, shortcut = ports["output"][index], ports["shortcut"][index]
+            out, shortcut = ports[PORT_OUTPUT][index], ports[PORT_SHORTCUT][index]
             with graph.inserting_before(out.next):
                 mix = add(f"{GATE_ROOT}.skip.{index}", (out, replaced.get(shortcut, shortcut), masks[index]), SKIP_MIX, specs[index], SkipMix(table.skip_index))
             out.replace_all_uses_with(mix, delete_user_cb=lambda user: user is not mix)

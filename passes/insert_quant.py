@@ -10,6 +10,9 @@ quantizer modules live under `fracfx_quant.<op>`; each compute node records a Qu
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -61,6 +64,44 @@ def _functional_module_call(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, 
     return graph.call_function(conv, (x, weight, bias, module.stride, padding, module.dilation, module.groups))
 
 
+@dataclasses.dataclass
+class _Inserter:
+    """Adds quantizer nodes (and their modules, under QUANT_ROOT) to `graph` for one pass run."""
+
+    gm: fx.GraphModule
+    graph: fx.Graph
+    act: Callable[[], ActQuant]
+    weight: Callable[[], WeightQuant]
+    modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+
+    def add(self, name: str, module: nn.Module, args, serves: fx.Node, role: str) -> fx.Node:
+        target = f"{QUANT_ROOT}.{name}"
+        self.modules[target] = module
+        inserted = self.graph.call_module(target, args)
+        set_inserted(inserted, Inserted(role=role, serves=serves.name))
+        return inserted
+
+    def matmul(self, node: fx.Node) -> tuple[fx.Node, list[fx.Node], str | None]:
+        """Both operands quantized as activations: (compute, act nodes, no weight)."""
+        acts = [self.add(f"{node.name}.act{i}", self.act(), (operand,), node, ACT_QUANT) for i, operand in enumerate(node.args[:2])]
+        return self.graph.call_function(torch.matmul, tuple(acts)), acts, None
+
+    def weighted(self, node: fx.Node) -> tuple[fx.Node, list[fx.Node], str | None]:
+        """conv/linear: input and weight quantized; a module call becomes its functional form."""
+        act = self.add(f"{node.name}.act", self.act(), (_slot(node, 0, "input"),), node, ACT_QUANT)
+        raw_weight = self.graph.get_attr(f"{node.target}.weight") if node.op == "call_module" else _slot(node, 1, "weight")
+        weight = self.add(f"{node.name}.weight", self.weight(), (raw_weight,), node, WEIGHT_QUANT)
+        if node.op == "call_module":
+            return _functional_module_call(self.gm, self.graph, node, act, weight), [act], weight.target
+        args, kwargs = list(node.args), dict(node.kwargs)
+        for index, key, value in ((0, "input", act), (1, "weight", weight)):
+            if len(args) > index:
+                args[index] = value
+            else:
+                kwargs[key] = value
+        return self.graph.call_function(node.target, tuple(args), kwargs), [act], weight.target
+
+
 @graph_pass(reads=(QUANT_SPEC,), writes=(INSERTED, QUANT_BINDING))
 def insert_quant(
     gm: fx.GraphModule,
@@ -75,55 +116,18 @@ def insert_quant(
 ) -> fx.GraphModule:
     """Return a copy of gm with quantizer nodes around every node whose QuantSpec says quantize."""
     graph, _ = copy_graph(gm)
-    new_modules: dict[str, nn.Module] = {}
-
-    def add(name: str, module: nn.Module, args, serves: fx.Node, role: str) -> fx.Node:
-        target = f"{QUANT_ROOT}.{name}"
-        new_modules[target] = module
-        inserted = graph.call_module(target, args)
-        set_inserted(inserted, Inserted(role=role, serves=serves.name))
-        return inserted
-
-    seed = 0
-    for node in list(graph.nodes):
-        spec = get_quant_spec(node)
-        if spec is None or not spec.quantize:
-            continue
-        name = node.name
+    inserter = _Inserter(
+        gm, graph, act=lambda: ActQuant(act_bits, act_momentum, integer_zero_point),
+        weight=lambda: WeightQuant(weight_bits, integer_zero_point=integer_zero_point),
+    )
+    selected = [node for node in graph.nodes if (spec := get_quant_spec(node)) is not None and spec.quantize]
+    for seed, node in enumerate(selected):  # each gradient quantizer its own rounding stream
         with graph.inserting_before(node):
-            if spec.kind == MATMUL:
-                acts = []
-                for i, operand in enumerate(node.args[:2]):
-                    acts.append(add(f"{name}.act{i}", ActQuant(act_bits, act_momentum, integer_zero_point), (operand,), node, ACT_QUANT))
-                compute = graph.call_function(torch.matmul, tuple(acts))
-                weight_name = None
-            else:
-                x = _slot(node, 0, "input")
-                act = add(f"{name}.act", ActQuant(act_bits, act_momentum, integer_zero_point), (x,), node, ACT_QUANT)
-                acts = [act]
-                if node.op == "call_module":
-                    raw_weight = graph.get_attr(f"{node.target}.weight")
-                else:
-                    raw_weight = _slot(node, 1, "weight")
-                weight = add(f"{name}.weight", WeightQuant(weight_bits, integer_zero_point=integer_zero_point), (raw_weight,), node, WEIGHT_QUANT)
-                weight_name = weight.target
-                if node.op == "call_module":
-                    compute = _functional_module_call(gm, graph, node, act, weight)
-                else:
-                    args = list(node.args)
-                    kwargs = dict(node.kwargs)
-                    for index, key, value in ((0, "input", act), (1, "weight", weight)):
-                        if len(args) > index:
-                            args[index] = value
-                        else:
-                            kwargs[key] = value
-                    compute = graph.call_function(node.target, tuple(args), kwargs)
+            compute, acts, weight = (inserter.matmul if get_quant_spec(node).kind == MATMUL else inserter.weighted)(node)
             compute.meta.update(node.meta)
             grad_quant = GradQuant(grad_bits, stochastic_grad, seed=seed, copy_output=_written_in_place(gm, node))
-            grad = add(f"{name}.grad", grad_quant, (compute,), node, GRAD_QUANT)
-            seed += 1
-        set_binding(compute, QuantBinding(act=tuple(a.target for a in acts), weight=weight_name, grad=grad.target))
+            grad = inserter.add(f"{node.name}.grad", grad_quant, (compute,), node, GRAD_QUANT)
+        set_binding(compute, QuantBinding(act=tuple(a.target for a in acts), weight=weight, grad=grad.target))
         node.replace_all_uses_with(grad)
         graph.erase_node(node)
-    out = rebuild(gm, graph, new_modules)
-    return out
+    return rebuild(gm, graph, inserter.modules)

@@ -32,7 +32,7 @@ class _ShapeRecorder(fx.Interpreter):
         return value
 
 
-def batch_size_of(example_inputs: Sequence[torch.Tensor]) -> int:
+def _batch_size_of(example_inputs: Sequence[torch.Tensor]) -> int:
     """Dim 0 of the first tensor input; ConfigError when there is none."""
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
     if not tensors or tensors[0].dim() == 0:
@@ -45,7 +45,7 @@ def propagate_shapes(gm: fx.GraphModule, /, *, example_inputs: Sequence[torch.Te
     """Return a copy of gm whose tensor-valued nodes carry TensorShape (see the module docstring)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    batch = batch_size_of(example_inputs)
+    batch = _batch_size_of(example_inputs)
     recorder = _ShapeRecorder(gm)
     try:
         with eval_mode(gm), torch.no_grad():
