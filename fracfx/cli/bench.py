@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     ddp.add_argument("--timeout", type=float, default=600.0, help="seconds before a launch is given up (default 600)")
     ddp.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run as a torchrun worker, JSON to this path
     ddp.set_defaults(func=run_ddp)
+    from fracfx.bench.export import register as register_export
+
+    register_export(sub)  # fracfx bench export: int8-fast / int8 / int4 / ORT quantize_static vs FP32 latency
 
 
 def _parse_bits(text: str) -> tuple[int, int, int]:
