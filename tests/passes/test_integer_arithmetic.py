@@ -32,3 +32,17 @@ def test_numerics_agree_with_the_dequantized_form():
     x = torch.randn(16, 3, 6, 6)
     expected, got = gm(x), out(x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_partial_sum_bound_moved_to_the_export_package_and_the_old_name_warns():
+    import importlib
+
+    import pytest
+
+    from fracfx.export.pipeline import partial_sum_bound
+
+    old = importlib.import_module("fracfx.passes.integer_arithmetic")  # the package's attribute is the pass
+
+    with pytest.warns(DeprecationWarning, match="moved to fracfx.export.pipeline"):
+        assert old.partial_sum_bound is partial_sum_bound
+    assert all(v < 1 for v in partial_sum_bound(integer_arithmetic(frozen())).values())

@@ -53,3 +53,14 @@ def test_choices_must_name_every_block_with_a_candidate_index(dfq):
     static = fracfx.transform(build_model("cifar_resnet20"))
     with pytest.raises(ConfigError, match="needs a DFQ model"):
         pin_candidates(static, choices={})
+
+
+def test_the_public_pinning_runs_through_the_pass_runner(dfq):
+    from fracfx.api import gate_choices as public_gate_choices
+    from fracfx.api import pin_candidates as public_pin
+
+    assert public_gate_choices(dfq).keys() == gate_choices(dfq).keys()
+    with pytest.raises(ConfigError, match=r"pass 'pin_candidates' failed \(after nothing \(the first pass\)\): .*missing"):
+        public_pin(dfq, choices={})
+    pinned = public_pin(dfq, choices={i: 0 for i in gate_choices(dfq)})
+    assert not any(get_inserted(n) is not None and get_inserted(n).role in GATE_ROLES for n in pinned.graph.nodes)
