@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fracfx.errors import CheckpointError, ConfigError
-from fracfx.train.config import RESUME_OVERRIDABLE, TrainConfig, check_same_config
+from fracfx.train.config import RESUME_OVERRIDABLE, TrainConfig, check_same_config, plain
 from fracfx.train.recipe import Recipe
 from fracfx.train.run_folder import CHECKPOINT, resolve_checkpoint
 
@@ -84,7 +84,7 @@ def payload(session, rank_states: list[dict[str, Any]] | None = None) -> dict[st
 
 def restore(session, state: dict[str, Any]) -> None:
     s = session
-    if _plain(state["plan"]) != _plain(dataclasses.asdict(s.plan)):
+    if plain(state["plan"]) != plain(dataclasses.asdict(s.plan)):  # tuples come back from a checkpoint as lists
         raise CheckpointError(
             f"the checkpoint was planned as {state['plan']} but this data gives {dataclasses.asdict(s.plan)}; "
             "resume with the same dataset, subset and batch size"
@@ -148,11 +148,3 @@ def open_run(config: TrainConfig | None, resume, *, restart_count: int = 0, cons
         saved = saved.replace(**{k: getattr(config, k) for k in RESUME_OVERRIDABLE if getattr(config, k) != getattr(defaults, k)})
     return saved, path.parent, state
 
-
-def _plain(value):
-    """Tuples as lists, recursively: how a plan compares after a round trip through a checkpoint."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

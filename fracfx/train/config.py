@@ -167,7 +167,7 @@ class TrainConfig(metaclass=_Normalizing):
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": CONFIG_KIND, "version": CONFIG_VERSION}
         for field in dataclasses.fields(self):
-            data[field.name] = _plain(getattr(self, field.name))
+            data[field.name] = plain(getattr(self, field.name))
         return data
 
     @classmethod
@@ -258,10 +258,10 @@ def _check_int(value, name: str, *, minimum: int, unset_ok: bool = False) -> Non
         raise ConfigError(f"{name} must be {what}{' (or unset)' if unset_ok else ''}, got {value!r}")
 
 
-def _plain(value):
+def plain(value):
     """Tuples as lists and mappings as dicts, recursively: the JSON form."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value

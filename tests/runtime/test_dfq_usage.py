@@ -13,6 +13,7 @@ from fracfx.errors import ConfigError
 from fracfx.models.cifar_resnet import cifar_resnet20
 from fracfx.runtime import DFQController
 from fracfx.runtime.dfq_usage import DFQUsage
+from tests.runtime.test_dfq_controller import force
 
 EXAMPLE = torch.randn(2, 3, 16, 16)
 CANDIDATES = ((3, 6), (6, 12), "skip")
@@ -23,14 +24,6 @@ def gated():
     torch.manual_seed(0)
     gm = fracfx.transform(cifar_resnet20(), fracfx.DFQConfig(candidates=CANDIDATES), example_inputs=EXAMPLE)
     return gm, DFQController(gm, target_ratio=2.0)
-
-
-def force(gm, index):
-    head = gm.get_submodule("fracfx_gate.head")
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        head.bias[index] = 10.0
 
 
 def test_cp_is_a_look_that_records_nothing(gated):

@@ -25,7 +25,8 @@ from fracfx.errors import ConfigError
 from fracfx.models import build_model
 from fracfx.runtime.checkpoint import load_checkpoint
 from fracfx.train import TIMING_KEY, TrainConfig, load_trained, model_from_checkpoint, read_metrics, train
-from tests.train.test_checkpointing import _finish
+from tests.runtime.test_dfq_controller import force as _force
+from tests.train.test_checkpointing import _assert_same_tree, _finish
 from tests.train.test_checkpointing import _launch as launch
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -100,14 +101,6 @@ def test_cli_flags_are_shared_between_dfq_and_fractrain():
 
 
 # --- pin_candidates ----------------------------------------------------------------------------
-
-
-def _force(gm, index):
-    head = gm.get_submodule("fracfx_gate.head")
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        head.bias[index] = 10.0
 
 
 @pytest.mark.parametrize("candidate", [0, 2, 3, 4])  # (3, 6), (6, 12), skip, fp32
@@ -259,22 +252,6 @@ def _launch(folder: Path, *extra: str, killed_after: int | None = None) -> subpr
     return launch(folder, *extra, args=RESUME_ARGS, killed_after=killed_after)
 
 
-def _same_tree(a, b, where: str) -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _same_tree(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b)):
-            _same_tree(x, y, f"{where}[{index}]")
-    else:
-        assert a == b, where
-
-
 def _metrics(folder: Path) -> list[dict]:
     lines = read_metrics(folder)
     for line in lines:
@@ -302,7 +279,7 @@ def test_sigkilled_run_resumes_to_identical_weights_controller_scheduler_and_met
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(crashed / "checkpoint.pt")
     assert a["finished"] and b["finished"] and a["iteration"] == b["iteration"] == 24
     for key in ("model", "optimizer", "lr_schedule", "method", "cost", "rng", "data", "accumulators"):
-        _same_tree(a[key], b[key], key)
+        _assert_same_tree(a[key], b[key], key)
     metrics = _metrics(straight)
     assert metrics == _metrics(crashed)
     for record in a["metrics"] + b["metrics"]:
@@ -381,13 +358,13 @@ def test_export_from_a_dfq_checkpoint_pins_each_block(dfq_run, tmp_path, capsys)
         assert torch.equal(gm(x)[same], reference[same])
 
     out = tmp_path / "dfq.onnx"
-    assert main(["export", str(dfq_run.run_dir), "-o", str(out), "--verify", "--verify-samples", "16"]) == 0
+    assert main(["export", str(dfq_run.run_dir), "-o", str(out), "--format", "int8", "--verify", "--verify-samples", "16"]) == 0
     assert "export contract" in capsys.readouterr().out
     rows = describe_onnx(out)
     acts = {r.name: r.bits for r in rows if r.role == "act"}
     assert set(acts.values()) == {CIFAR_BITS[label][0] for label in set(pinned.values())}
     assert {r.bits for r in rows if r.role == "weight"} == {4}
-    assert main(["export", str(dfq_run.run_dir / "checkpoint.pt"), "-o", str(tmp_path / "b.onnx"), "--bits", "8,8"]) == 0
+    assert main(["export", str(dfq_run.run_dir / "checkpoint.pt"), "-o", str(tmp_path / "b.onnx"), "--format", "int8", "--bits", "8,8"]) == 0
     assert {r.bits for r in describe_onnx(tmp_path / "b.onnx")} == {8}
 
 
