@@ -28,7 +28,7 @@ from torch import nn
 from fracfx.errors import ConfigError
 from fracfx.nn.gates import CandidateTable, choice_of
 from fracfx.nn.quantizers import GradQuant
-from fracfx.nn.quant import GradQuantFn, qmax_of, quantize, scale_of, tensor_range
+from fracfx.nn.quant import GradQuantFn, _fused_for, qmax_of, quantize, scale_of, tensor_range
 
 _NO_STATIC_BITS = (
     "a DFQ quantizer has per-sample bits, not one bit width; read the cost of a DFQ model from "
@@ -69,6 +69,15 @@ class MixedFakeQuantFn(torch.autograd.Function):
             dmask = grad.new_zeros(batch, len(ctx.bits))
             products: dict[int, torch.Tensor] = {}
             shifted = grad_sum = None
+            quantized = sorted({b for b in ctx.bits if b})
+            if _fused_for(x) and _fused_for(grad) and len(quantized) <= 16:
+                # one pass over x and g for every candidate (fracfx::mixed_act_dots)
+                scales = torch.stack([scale_of(rng, qmax_of(b)) for b in quantized]) if quantized else rng.new_zeros((0,))
+                qmaxes = torch.tensor([float(qmax_of(b)) for b in quantized])
+                dots = torch.ops.fracfx.mixed_act_dots(x, grad, lo, scales, qmaxes, not ctx.batch_range)
+                products[0] = dots[:, 0]
+                for j, b in enumerate(quantized):
+                    products[b] = dots[:, 2 + j] * scales[j] + lo * dots[:, 1]
             for k, b in enumerate(ctx.bits):
                 if b is None:  # skip: the block output, not this input, carries its gradient
                     continue

@@ -6,6 +6,8 @@
                                                  FRACTRAIN.md fq per tensor or per row; with a
                                                  counter, Philox stochastic rounding (philox.py)
     torch.ops.fracfx.rounding_noise(numel, counter, seed)   the noise alone (tests)
+    torch.ops.fracfx.mixed_act_dots(x, g, lo, scales, qmaxes, clamp)
+                                                 per-sample dot products of DFQ's mask gradient
 
 Built once with torch.utils.cpp_extension (needs a C++ compiler and ninja) into a cache folder
 (FRACFX_KERNELS_DIR, default ~/.cache/fracfx/kernels), keyed by the source, torch version and the
@@ -133,6 +135,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fracfx::fake_quant")
     def _(x, lo, s, qmax, row_qmax=None, counter=None, seed=0):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fracfx::mixed_act_dots")
+    def _(x, g, lo, scales, qmaxes, clamp):
+        return x.new_empty((x.shape[0], scales.shape[0] + 2))
 
     @torch.library.register_fake("fracfx::rounding_noise")
     def _(numel, counter, seed):

@@ -318,6 +318,102 @@ at::Tensor fake_quant(const at::Tensor& x_, const at::Tensor& lo_, const at::Ten
   return y;
 }
 
+
+// one block of mixed_act_dots: acc[0] += <g, x>, acc[1] += sum g, acc[2 + k] += <g, q_k(x)>
+static void dots_block(const float* x, const float* g, int64_t n, float lo, const float* ps, const float* pq, int64_t K, bool clamp,
+                       double* acc) {
+  int64_t i0 = 0;
+#if defined(__AVX2__)
+  {
+    const int64_t nv = n - n % 8;
+    __m256 a = _mm256_setzero_ps(), c = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nv; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i), xv = _mm256_loadu_ps(x + i);
+      a = _mm256_add_ps(a, _mm256_mul_ps(gv, xv));
+      c = _mm256_add_ps(c, gv);
+    }
+    alignas(32) float ta[8], tc[8];
+    _mm256_store_ps(ta, a);
+    _mm256_store_ps(tc, c);
+    for (int l = 0; l < 8; ++l) {
+      acc[0] += ta[l];
+      acc[1] += tc[l];
+    }
+    const __m256 lov = _mm256_set1_ps(lo), zero = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 sv = _mm256_set1_ps(ps[k]), qv = _mm256_set1_ps(pq[k]);
+      __m256 d = _mm256_setzero_ps();
+      for (int64_t i = 0; i < nv; i += 8) {
+        __m256 v = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), lov), sv);
+        if (clamp) v = _mm256_min_ps(_mm256_max_ps(v, zero), qv);
+        v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        d = _mm256_add_ps(d, _mm256_mul_ps(_mm256_loadu_ps(g + i), v));
+      }
+      alignas(32) float td[8];
+      _mm256_store_ps(td, d);
+      for (int l = 0; l < 8; ++l) acc[2 + k] += td[l];
+    }
+    i0 = nv;
+  }
+#endif
+  for (int64_t i = i0; i < n; ++i) {
+    acc[0] += (double)(g[i] * x[i]);
+    acc[1] += (double)g[i];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t i = i0; i < n; ++i) {
+      float v = (x[i] - lo) / ps[k];
+      if (clamp) {
+        v = v < 0.0f ? 0.0f : v;
+        v = v > pq[k] ? pq[k] : v;
+      }
+      acc[2 + k] += (double)(g[i] * std::nearbyint(v));
+    }
+  }
+}
+
+// DFQ activation quantizer, backward: per sample b, the dot products the mask gradient needs,
+// out[b] = (<g_b, x_b>, sum g_b, <g_b, q_1(x_b)>, ..., <g_b, q_K(x_b)>) with
+// q_k(x) = round(clamp((x - lo) / s_k, 0, qmax_k)) (no clamp when `clamp` is false). One pass
+// over x and g for all candidates; each sample is summed by one thread in a fixed order (float
+// lanes per block of 1024 elements, blocks added in double), so the result does not depend on
+// the thread count.
+at::Tensor mixed_act_dots(const at::Tensor& x_, const at::Tensor& g_, const at::Tensor& lo_, const at::Tensor& scales_,
+                          const at::Tensor& qmaxes_, bool clamp) {
+  check_float(x_, "mixed_act_dots x");
+  check_float(g_, "mixed_act_dots g");
+  auto x = x_.contiguous();
+  auto g = g_.contiguous();
+  TORCH_CHECK(x.sizes() == g.sizes() && x.dim() >= 1, "fracfx.mixed_act_dots: x and g must have one shape");
+  const float lo = lo_.to(at::kFloat).item<float>();
+  auto scales = scales_.to(at::kFloat).contiguous();
+  auto qmaxes = qmaxes_.to(at::kFloat).contiguous();
+  const int64_t K = scales.numel();
+  TORCH_CHECK(qmaxes.numel() == K && K <= 16, "fracfx.mixed_act_dots: at most 16 candidates, one qmax per scale");
+  const int64_t rows = x.size(0);
+  const int64_t cols = rows ? x.numel() / rows : 0;
+  auto out = at::zeros({rows, K + 2}, x.options());
+  const float* px = x.data_ptr<float>();
+  const float* pg = g.data_ptr<float>();
+  const float* ps = scales.data_ptr<float>();
+  const float* pq = qmaxes.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  constexpr int64_t B = 1024;
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      double acc[18] = {0};
+      const float* xr = px + r * cols;
+      const float* gr = pg + r * cols;
+      for (int64_t b0 = 0; b0 < cols; b0 += B) {
+        const int64_t n = std::min(B, cols - b0);
+        dots_block(xr + b0, gr + b0, n, lo, ps, pq, K, clamp, acc);
+      }
+      for (int64_t k = 0; k < K + 2; ++k) po[r * (K + 2) + k] = (float)acc[k];
+    }
+  });
+  return out;
+}
+
 // the rounding noise itself (tests, and the reference for the eager fallback)
 at::Tensor rounding_noise(int64_t numel, const at::Tensor& counter, int64_t seed) {
   NoiseKey key = noise_key(counter, seed);
@@ -343,6 +439,7 @@ TORCH_LIBRARY(fracfx, m) {
   m.def("row_minmax(Tensor x, int rows) -> (Tensor, Tensor)");
   m.def("fake_quant(Tensor x, Tensor lo, Tensor s, float qmax, Tensor? row_qmax=None, Tensor? counter=None, int seed=0) -> Tensor");
   m.def("rounding_noise(int numel, Tensor counter, int seed) -> Tensor");
+  m.def("mixed_act_dots(Tensor x, Tensor g, Tensor lo, Tensor scales, Tensor qmaxes, bool clamp) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fracfx, CPU, m) {
@@ -350,6 +447,7 @@ TORCH_LIBRARY_IMPL(fracfx, CPU, m) {
   m.impl("row_minmax", &fracfx_kernels::row_minmax);
   m.impl("fake_quant", &fracfx_kernels::fake_quant);
   m.impl("rounding_noise", &fracfx_kernels::rounding_noise);
+  m.impl("mixed_act_dots", &fracfx_kernels::mixed_act_dots);
 }
 
 
