@@ -285,3 +285,15 @@ def test_mixed_mask_gradient_is_thread_count_invariant():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_narrower_isa_builds_give_the_same_results(isa, tmp_path):
+    """The AVX2 and plain C++ variants (built here on purpose) pass this file's exactness tests too."""
+    env = dict(os.environ, FRACFX_KERNELS_ISA=isa)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not narrower and not fallback"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"fracfx_kernels_{isa}_" in subprocess.run(
+        [sys.executable, "-c", "from fracfx.nn import kernels; print(kernels.build_key()[0])"], capture_output=True, text=True, env=env).stdout

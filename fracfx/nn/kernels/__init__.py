@@ -51,9 +51,12 @@ def _cpu_flags() -> set[str]:
 def isa_flags() -> tuple[str, list[str]]:
     """(tag, compiler flags) for the vector ISA this CPU has (checked now, not at some earlier build)."""
     flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= flags:
+    forced = os.environ.get("FRACFX_KERNELS_ISA")  # tests build the narrower variants on a wider CPU
+    if forced not in (None, "", "avx512", "avx2", "base"):
+        raise ValueError(f"FRACFX_KERNELS_ISA={forced!r}: choose avx512, avx2 or base")
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= flags and forced in (None, "", "avx512"):
         return "avx512", ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mprefer-vector-width=512"]
-    if {"avx2", "fma"} <= flags:
+    if {"avx2", "fma"} <= flags and forced in (None, "", "avx512", "avx2"):
         return "avx2", ["-mavx2", "-mfma"]
     return "base", []
 

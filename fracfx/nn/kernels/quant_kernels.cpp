@@ -35,17 +35,58 @@ constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 // Element i of a tensor belongs to Philox block (i / kTile) * kBlocks + i % kBlocks and takes
 // 16 bits (j % 2) of output word j / 2, j = (i % kTile) / kBlocks (the layout keeps every loop
 // below a straight SIMD loop over the kBlocks blocks of a tile).
-static inline void philox_tile(uint64_t* c0, uint64_t* c1, uint64_t* c2, uint64_t* c3, uint32_t k0, uint32_t k1, float* out) {
+static inline void philox_tile(uint64_t first, uint32_t s0, uint32_t s1, uint32_t k0, uint32_t k1, float* out) {
   // lanes hold 32-bit values in 64-bit slots; the upper halves may carry garbage, which the
   // 32x32->64 multiplies ignore and the final (uint32_t) reads drop
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  constexpr int V = kBlocks / 8;  // 8 blocks per register (64-bit lanes)
+  __m512i a0[V], a1[V], a2[V], a3[V];
+  const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int v = 0; v < V; ++v) {  // counters built in registers (no store-to-load round trip)
+    const __m512i b = _mm512_add_epi64(_mm512_set1_epi64((long long)(first + 8 * v)), iota);
+    a0[v] = b;                         // low 32 bits used; the high half is ignored by mul_epu32
+    a1[v] = _mm512_srli_epi64(b, 32);
+    a2[v] = _mm512_set1_epi64(s0);
+    a3[v] = _mm512_set1_epi64(s1);
+  }
+  const __m512i m0 = _mm512_set1_epi64(kM0), m1 = _mm512_set1_epi64(kM1);
+  uint32_t key0 = k0, key1 = k1;
+  for (int r = 0; r < 10; ++r) {
+    const __m512i q0 = _mm512_set1_epi64(key0), q1 = _mm512_set1_epi64(key1);
+    for (int v = 0; v < V; ++v) {
+      const __m512i p0 = _mm512_mul_epu32(a0[v], m0);
+      const __m512i p1 = _mm512_mul_epu32(a2[v], m1);
+      const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), a1[v]), q0);
+      const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p0, 32), a3[v]), q1);
+      a1[v] = p1;
+      a3[v] = p0;
+      a0[v] = n0;
+      a2[v] = n2;
+    }
+    key0 += kW0;
+    key1 += kW1;
+  }
+  const __m256 half = _mm256_set1_ps(0.5f), scale = _mm256_set1_ps(1.0f / 65536.0f);
+  const __m512i* words[4] = {a0, a1, a2, a3};
+  for (int w = 0; w < 4; ++w) {
+    for (int v = 0; v < V; ++v) {
+      const __m256i x = _mm512_cvtepi64_epi32(words[w][v]);  // the low 32 bits of each lane
+      const __m256i k0 = _mm256_srai_epi32(_mm256_slli_epi32(x, 16), 16);
+      const __m256i k1 = _mm256_srai_epi32(x, 16);
+      _mm256_storeu_ps(out + (2 * w) * kBlocks + 8 * v, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(k0), half), scale));
+      _mm256_storeu_ps(out + (2 * w + 1) * kBlocks + 8 * v, _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(k1), half), scale));
+    }
+  }
+#elif defined(__AVX2__)
   constexpr int V = kBlocks / 4;
   __m256i a0[V], a1[V], a2[V], a3[V];
+  const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
   for (int v = 0; v < V; ++v) {
-    a0[v] = _mm256_loadu_si256((const __m256i*)(c0 + 4 * v));
-    a1[v] = _mm256_loadu_si256((const __m256i*)(c1 + 4 * v));
-    a2[v] = _mm256_loadu_si256((const __m256i*)(c2 + 4 * v));
-    a3[v] = _mm256_loadu_si256((const __m256i*)(c3 + 4 * v));
+    const __m256i b = _mm256_add_epi64(_mm256_set1_epi64x((long long)(first + 4 * v)), iota);
+    a0[v] = b;
+    a1[v] = _mm256_srli_epi64(b, 32);
+    a2[v] = _mm256_set1_epi64x(s0);
+    a3[v] = _mm256_set1_epi64x(s1);
   }
   const __m256i m0 = _mm256_set1_epi64x(kM0), m1 = _mm256_set1_epi64x(kM1);
   uint32_t key0 = k0, key1 = k1;
@@ -80,6 +121,14 @@ static inline void philox_tile(uint64_t* c0, uint64_t* c1, uint64_t* c2, uint64_
     }
   }
 #else
+  uint64_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  for (int l = 0; l < kBlocks; ++l) {
+    const uint64_t b = first + (uint64_t)l;
+    c0[l] = (uint32_t)b;
+    c1[l] = (uint32_t)(b >> 32);
+    c2[l] = s0;
+    c3[l] = s1;
+  }
   uint32_t key0 = k0, key1 = k1;
   for (int r = 0; r < 10; ++r) {
     for (int l = 0; l < kBlocks; ++l) {
@@ -109,16 +158,7 @@ static inline void philox_tile(uint64_t* c0, uint64_t* c1, uint64_t* c2, uint64_
 }
 
 static inline void noise_tile(uint64_t base, uint32_t s0, uint32_t s1, uint32_t k0, uint32_t k1, float* out) {
-  alignas(64) uint64_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
-  const uint64_t first = (base / kTile) * kBlocks;
-  for (int l = 0; l < kBlocks; ++l) {
-    const uint64_t b = first + (uint64_t)l;
-    c0[l] = (uint32_t)b;
-    c1[l] = (uint32_t)(b >> 32);
-    c2[l] = s0;
-    c3[l] = s1;
-  }
-  philox_tile(c0, c1, c2, c3, k0, k1, out);
+  philox_tile((base / kTile) * kBlocks, s0, s1, k0, k1, out);
 }
 
 struct NoiseKey {
