@@ -10,10 +10,13 @@ name (fracfx.train.checkpointing). Nothing else about a method is known to the l
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fracfx.train.config import Plan, TrainConfig
 
 
 class Stateful(Protocol):
@@ -114,9 +117,9 @@ class BuildContext:
     pass it as `reduce=` to the runtime objects whose decisions must be global.
     """
 
-    config: Any  # fracfx.train.config.TrainConfig
-    plan: Any  # fracfx.train.config.Plan
-    ranks: Any = None
+    config: "TrainConfig"
+    plan: "Plan"
+    ranks: Any = None  # fracfx.runtime.distributed.RankContext
 
     def option(self, name: str) -> Any:
         return self.config.options[name]
