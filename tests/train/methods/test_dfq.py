@@ -379,3 +379,25 @@ def test_model_from_checkpoint_of_static_and_fp32_runs(tmp_path):
         with torch.no_grad():
             assert torch.equal(gm(x), result.model.eval()(x))  # the same trained model, read back
         freeze(gm)  # fixed precision: exportable
+
+
+@needs_fashion
+def test_checkpoints_written_before_the_typed_usage_and_config_version_2_still_load(dfq_run, tmp_path):
+    """Earlier DFQ checkpoints: top-level method settings (config version 1), an untyped tracking
+    dict, "scheduler": None. They load into the same model and usage."""
+    from fracfx.runtime.checkpoint import save_checkpoint
+
+    state = load_checkpoint(dfq_run.run_dir / "checkpoint.pt")
+    config = {k: v for k, v in state["config"].items() if k not in ("kind", "version", "options")}
+    options = state["config"]["options"]
+    state["config"] = {**config, **{k: options[k] for k in ("act_bits", "weight_bits", "grad_bits")},
+                       "num_bits_schedule": [3, 4, 6, 8], "num_grad_bits_schedule": [6, 6, 8, 8],
+                       "options": {k: options[k] for k in ("target_ratio", "beta", "candidates", "relax")}}
+    tracking = {k: v for k, v in state["method"]["tracking"].items() if k not in ("kind", "version")}
+    state["method"] = {"controller": state["method"]["controller"], "scheduler": None, "tracking": tracking}
+    (tmp_path / "old").mkdir()
+    save_checkpoint(tmp_path / "old" / "checkpoint.pt", state)
+    old, new = load_trained(tmp_path / "old"), load_trained(dfq_run.run_dir)
+    assert old.config == new.config
+    assert old.recipe.schedulers["tracking"].state_dict() == new.recipe.schedulers["tracking"].state_dict()
+    _assert_same_tree(old.model.state_dict(), new.model.state_dict(), "model")
