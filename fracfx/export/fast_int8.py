@@ -26,7 +26,8 @@ from fracfx.meta import FROZEN
 from fracfx.export.fast_report import FastExportReport, verify_fast
 from fracfx.export.int8_ops import Builder, Int8Reference
 
-FAST_FORMATS = {"int8-fast": False, "int8-fast-vnni": True}  # format -> full int8 weight range (VNNI)
+# format -> (full int8 weight range: VNNI CPUs only, float branches: ConvInteger where the trained model keeps a float)
+FAST_FORMATS = {"int8-fast": (False, False), "int8-fast-vnni": (True, False), "int8-fast-faithful": (False, True)}
 OPSET = 17
 BN_SIGMAS = 6.0  # data-free range of a new grid after a BatchNorm: beta +- BN_SIGMAS * |gamma|
 
@@ -72,7 +73,7 @@ def measure_ranges(frozen: fx.GraphModule, names: list[str], inputs, *, batch_si
     return {n: (lo / count, hi / count) for n, (lo, hi) in sums.items()}
 
 
-def build_reference(gm: fx.GraphModule, calibration_inputs=None, *, vnni: bool = False, example_inputs=None):
+def build_reference(gm: fx.GraphModule, calibration_inputs=None, *, vnni: bool = False, example_inputs=None, float_branches: bool = False):
     """(Int8Reference, LoweringStats, frozen model) for a transformed or frozen-dequantized model.
 
     The ranges of new 8-bit grids come from `calibration_inputs` (a batch, or a tuple of them)
@@ -96,7 +97,7 @@ def build_reference(gm: fx.GraphModule, calibration_inputs=None, *, vnni: bool =
             if example_inputs is None:
                 raise ExportError(f"new 8-bit grids at {rest[:3]} have no BatchNorm before them; pass calibration_inputs")
             ranges.update(measure_ranges(frozen, rest, random_inputs(gm, _tuple(example_inputs), 256, seed=3)))
-    ops, inputs, outputs, stats = lower(frozen, ranges, vnni=vnni)
+    ops, inputs, outputs, stats = lower(frozen, ranges, vnni=vnni, float_branches=float_branches)
     return Int8Reference(ops, inputs, outputs), stats, frozen
 
 
@@ -173,7 +174,8 @@ def export_fast(gm, path, example_inputs, *, format: str = "int8-fast", calibrat
     if format not in FAST_FORMATS:
         raise ExportError(f"unknown fast format {format!r}; choose one of {sorted(FAST_FORMATS)}")
     example_inputs = _tuple(example_inputs)
-    reference, stats, frozen = build_reference(gm, calibration_inputs, vnni=FAST_FORMATS[format], example_inputs=example_inputs)
+    vnni, float_branches = FAST_FORMATS[format]
+    reference, stats, frozen = build_reference(gm, calibration_inputs, vnni=vnni, example_inputs=example_inputs, float_branches=float_branches)
     model = to_onnx(reference, example_inputs, fmt=format)
     path = os.fspath(path)
     with open(path, "wb") as handle:

@@ -38,7 +38,7 @@ class FastLevel:
 
     @property
     def integer_kernels(self) -> int:
-        return sum(v for k, v in self.fused_ops.items() if k in ("QLinearConv", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm"))
+        return sum(v for k, v in self.fused_ops.items() if k in ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ class FastExportReport:
         s = self.stats
         out = [
             f"wrote {self.path}: {self.file_bytes / 1e6:.3f} MB, format {self.format}, opset {self.opset}",
-            f"integer kernels: {s.qconv} QLinearConv ({s.folded_bn} with BatchNorm folded), {s.qlinear} MatMulInteger; "
+            f"integer kernels: {s.qconv} QLinearConv, {s.conv_integer} ConvInteger ({s.folded_bn} with BatchNorm folded), {s.qlinear} MatMulInteger; "
             f"{s.new_grids} new 8-bit requantization points; {s.requantized_channels} weight channels re-quantized for int16 headroom; "
             f"{s.float_ops} float ops",
         ]

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fracfx.export import bn_folding
-from fracfx.export.int8_ops import ClipCodes, Dequantize, Float, QConv, QLinearFloat, Quantize
+import torch
+
+from fracfx.export.int8_ops import ClipCodes, ConvIntFloat, Dequantize, Float, QConv, QLinearFloat, Quantize
 from fracfx.export.int8_plan import (
     _ADD, _FLATTEN, _IDENTITY_MODULES, Codes, Val, _arg, _attr, _clamp_bounds, _module, _quantized_conv, conv_chain,
     quantize_value, target_grid, unsupported,
@@ -20,6 +22,7 @@ from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
 @dataclasses.dataclass
 class LoweringStats:
     qconv: int = 0
+    conv_integer: int = 0  # ConvInteger + float rescale (float_branches)
     qlinear: int = 0
     folded_bn: int = 0
     new_grids: int = 0  # requantization points the trained model does not have
@@ -28,8 +31,8 @@ class LoweringStats:
 
 
 class Lowering:
-    def __init__(self, gm: fx.GraphModule, ranges: dict, *, vnni: bool):
-        self.gm, self.ranges, self.vnni = gm, ranges, vnni
+    def __init__(self, gm: fx.GraphModule, ranges: dict, *, vnni: bool, float_branches: bool = False):
+        self.gm, self.ranges, self.vnni, self.float_branches = gm, ranges, vnni, float_branches
         self.ops, self.env, self.done = [], {}, set()
         self.stats = LoweringStats()
         self._dq_cache: dict[str, str] = {}
@@ -144,6 +147,8 @@ class Lowering:
             raise unsupported(gm, node, "string padding or a non-2-D convolution")
         bn, clamps, chain, end = conv_chain(gm, node)
         grid, new = target_grid(gm, end, self.ranges)
+        if new and self.float_branches:
+            return self.conv_float(node, x, weight, bias, bn, clamps, chain, (stride, padding, dilation, groups))
         lo, hi = 0, 255
         for a, b in clamps:
             lo, hi = max(lo, quantize_value(a, grid)), min(hi, quantize_value(b, grid))
@@ -160,6 +165,22 @@ class Lowering:
         self.stats.qconv += 1
         self.stats.folded_bn += bn is not None
         self.stats.new_grids += new
+        self.stats.requantized_channels += folded.requantized
+
+    def conv_float(self, node, x: Codes, weight, bias, bn, clamps, chain, conv_args) -> None:
+        """A conv whose output the trained model keeps in float: ConvInteger + float rescale."""
+        stride, padding, dilation, groups = conv_args
+        folded = bn_folding.fold(weight, bias, bn, limit=bn_folding.INT8_LIMIT)
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
+        end = chain[0] if bn is not None else node
+        self.ops.append(ConvIntFloat(
+            self.env[node.args[0].name].name, end.name, x.scale, x.zp, folded.values, folded.scale, torch.zeros(folded.values.shape[0], dtype=torch.long),
+            1.0, 0, pair(stride), pair(padding), pair(dilation), groups, real_bias=folded.bias.float(),
+        ))
+        self.done.add(end.name)
+        self.put(end, end.name)
+        self.stats.conv_integer += 1
+        self.stats.folded_bn += bn is not None
         self.stats.requantized_channels += folded.requantized
 
     def _quantized_linear(self, node) -> bool:
@@ -225,8 +246,13 @@ def bn_folding_ok(m) -> bool:
     return isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_var is not None
 
 
-def lower(gm: fx.GraphModule, ranges: dict, *, vnni: bool = False):
-    """(ops, input names, output names, LoweringStats) of a frozen dequantized GraphModule."""
-    lowering = Lowering(gm, ranges, vnni=vnni)
+def lower(gm: fx.GraphModule, ranges: dict, *, vnni: bool = False, float_branches: bool = False):
+    """(ops, input names, output names, LoweringStats) of a frozen dequantized GraphModule.
+
+    float_branches: a conv whose output the trained model keeps in float (it would need a new
+    8-bit grid) becomes ConvInteger + float rescale instead: no rounding the trained model lacks,
+    but onnxruntime's ConvInteger (u8 x u8, NCHW im2col, no prepacked weights) is slower.
+    """
+    lowering = Lowering(gm, ranges, vnni=vnni, float_branches=float_branches)
     ops, inputs, outputs = lowering.run()
     return ops, inputs, outputs, lowering.stats

@@ -170,6 +170,31 @@ class QConv:
 
 
 @dataclasses.dataclass
+class ConvIntFloat(QConv):
+    """ConvInteger (uint8 weights v + 128, zero point 128: u8 x u8, no int16 saturation on any
+    CPU), then Cast, Mul(s_x * s_w[c]), Add(bias): a float output with no new rounding grid."""
+
+    real_bias: torch.Tensor | None = None  # float32 [C_out]
+
+    def run(self, env):
+        acc = self.accumulate(env[self.x] - self.x_zp) - self.bias.double().view(1, -1, 1, 1)
+        y = acc.float() * self.rescale().view(1, -1, 1, 1)
+        env[self.out] = y + self.real_bias.float().view(1, -1, 1, 1)
+
+    def rescale(self) -> torch.Tensor:
+        return _f32(self.x_scale) * self.w_scale.float()
+
+    def emit(self, b: Builder):
+        ph, pw = self.padding
+        w = b.const((self.weight + 128).numpy().astype(np.uint8), "w")
+        acc = b.node("ConvInteger", [self.x, w, b.const(np.uint8(self.x_zp), "zp"), b.const(np.uint8(128), "wzp")],
+                     strides=list(self.stride), pads=[ph, pw, ph, pw], dilations=list(self.dilation), group=self.groups,
+                     kernel_shape=list(self.weight.shape[2:]))
+        y = b.node("Mul", [b.node("Cast", [acc], to=1), b.const(self.rescale().numpy().reshape(-1, 1, 1), "rs")])
+        b.node("Add", [y, b.const(self.real_bias.float().numpy().reshape(-1, 1, 1), "bias")], self.out)
+
+
+@dataclasses.dataclass
 class QLinearFloat:
     x: str
     out: str

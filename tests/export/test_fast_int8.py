@@ -112,3 +112,11 @@ def test_reference_models_the_requantization_rounding():
         if op in codes:
             y = env[op.out]
             assert torch.equal(y, torch.round(y)) and y.min() >= 0 and y.max() <= 255  # uint8 codes
+
+
+def test_faithful_format_adds_no_rounding_point(tmp_path):
+    gm = _model(6)
+    report = export_fast(gm, tmp_path / "m.onnx", torch.zeros((1,) + SHAPE), format="int8-fast-faithful", verify=True,
+                         verify_inputs=inputs(48, SHAPE))
+    assert report.verify.ok and report.stats.new_grids == 0 and report.stats.conv_integer == 4  # stem (before max pooling), two residual branches, the shortcut
+    assert report.verify.level("enable_all").fused_ops.get("ConvInteger") == 4
