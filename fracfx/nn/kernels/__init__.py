@@ -97,7 +97,12 @@ def load(build: bool = True, verbose: bool = False) -> bool:
             name, _ = build_key()
             library = cache_dir() / name / f"{name}.so"
             if library.exists():
-                torch.ops.load_library(str(library))
+                try:
+                    torch.ops.load_library(str(library))
+                except OSError:  # half-written by a build in another process (a data-parallel rank)?
+                    if not build:
+                        raise
+                    _build(verbose)  # cpp_extension waits on that build's lock, then loads
             elif build:
                 _build(verbose)  # cpp_extension.load loads the library too
             else:
