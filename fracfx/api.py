@@ -7,7 +7,7 @@ the runtime uses too); they are re-exported here as the public fracfx.set_bits, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,15 +25,16 @@ from fracfx.passes.capture import capture_graph
 from fracfx.passes.infra import Step, gate_choices, run_pipeline, step
 from fracfx.passes.insert_gates import insert_gates
 from fracfx.passes.insert_quant import insert_quant
+from fracfx.passes.lower_aten import lower_aten
 from fracfx.passes.pin_candidates import pin_candidates as _pin_candidates
 from fracfx.passes.propagate_shapes import propagate_shapes
 from fracfx.passes.replace_attention import replace_attention
 
-Inputs = Sequence[torch.Tensor] | torch.Tensor | None
+Inputs = Sequence[torch.Tensor] | torch.Tensor | Mapping[str, Any] | None
 
 
 def transform(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     config: QuantConfig | DFQConfig | None = None,
     *,
     example_inputs: Inputs = None,
@@ -42,7 +43,13 @@ def transform(
     """Trace `model` and return a GraphModule with quantizer nodes; `model` is left untouched.
 
     example_inputs (a tensor or a tuple, batch first) lets fracfx trace shapes and count each
-    op's MACs, which cost_report() and the DFQ cost term need.
+    op's MACs, which cost_report() and the DFQ cost term need. A dict is the model's keyword
+    inputs (Hugging Face: example_inputs={"input_ids": ids}).
+
+    Capture (config.capture, default "auto"): torch.fx symbolic tracing, or where the model's
+    own forward cannot be traced, torch.export (needs example_inputs; the graph is then
+    specialised to their shapes). `model` may also be a torch.export.ExportedProgram or the
+    GraphModule its .module() returns.
 
     With a DFQConfig (example_inputs required), gated blocks are marked on the captured graph
     (annotate_blocks reads the model's own module structure, so it runs before insert_quant)
@@ -59,10 +66,18 @@ def transform(
     raise ConfigError(f"config must be a fracfx QuantConfig or DFQConfig, got {type(config).__name__}")
 
 
+def _capture_step(config: QuantConfig | DFQConfig, example_inputs: Inputs, concrete_args) -> Step:
+    keywords = isinstance(example_inputs, Mapping)
+    return step(capture_graph, leaf_modules=config.leaf_modules, concrete_args=concrete_args, fallback=config.trace_fallback,
+                mode=config.capture, example_args=() if keywords or example_inputs is None else tuple(example_inputs),
+                example_kwargs=dict(example_inputs) if keywords else None)
+
+
 def quant_steps(config: QuantConfig, example_inputs: Inputs, concrete_args) -> list[Step]:
     """transform's pipeline for static (and PFQ) quantization."""
     return [
-        step(capture_graph, leaf_modules=config.leaf_modules, concrete_args=concrete_args, fallback=config.trace_fallback),
+        _capture_step(config, example_inputs, concrete_args),
+        step(lower_aten),
         step(replace_attention, keep=config.leaf_modules, when=config.replace_attention),
         step(annotate_quant, keep_fp32=config.keep_fp32, quantize=config.quantize),
         step(propagate_shapes, example_inputs=example_inputs, when=example_inputs is not None),
@@ -80,7 +95,8 @@ def dfq_steps(config: DFQConfig, example_inputs: Inputs, concrete_args) -> list[
             "from the block inputs' shapes and the cost term counts each op's MACs"
         )
     return [
-        step(capture_graph, leaf_modules=config.leaf_modules, concrete_args=concrete_args, fallback=config.trace_fallback),
+        _capture_step(config, example_inputs, concrete_args),
+        step(lower_aten),
         step(replace_attention, keep=config.leaf_modules, when=config.replace_attention),
         step(annotate_quant, keep_fp32=config.keep_fp32, quantize=config.quantize),
         step(propagate_shapes, example_inputs=example_inputs),

@@ -18,6 +18,7 @@ from fracfx.meta import QUANTIZABLE_KINDS
 CONFIG_VERSION = 1
 FIRST_LAYER = "@first"  # keep_fp32 shortcut: the first quantizable op in execution order
 LAST_LAYER = "@last"  # keep_fp32 shortcut: the last quantizable op in execution order
+CAPTURE_MODES = ("auto", "fx", "export")  # QuantConfig.capture / DFQConfig.capture
 
 
 def _did_you_mean(name: str, options) -> str:
@@ -78,6 +79,8 @@ def _check_shared_fields(config) -> None:
         raise ConfigError(f"act_momentum must be in [0, 1), got {config.act_momentum!r}")
     if not isinstance(config.stochastic_grad, bool):
         raise ConfigError(f"stochastic_grad must be True or False, got {config.stochastic_grad!r}")
+    if config.capture not in CAPTURE_MODES:
+        raise ConfigError(f"capture={config.capture!r} is not a capture mode{_did_you_mean(str(config.capture), CAPTURE_MODES)}; choose from {CAPTURE_MODES}")
     if not isinstance(config.replace_attention, bool):
         raise ConfigError(f"replace_attention must be True or False, got {config.replace_attention!r}")
 
@@ -105,6 +108,12 @@ class QuantConfig(_Config):
     integer_zero_point: train on the grid ONNX can express (lo = -zp * s with an integer zp, see
     fracfx.nn.quant.integer_grid) instead of FRACTRAIN.md's real-valued lo, so that the exported
     model computes what was trained (export otherwise nudges lo by up to half a step).
+
+    capture: how the model becomes a graph. "fx" is torch.fx symbolic tracing (module calls
+    kept as nodes; any batch size afterwards); "export" is torch.export (non-strict, an ATen-level
+    graph specialised to the example inputs' shapes; needs example_inputs); "auto" traces with fx
+    and uses torch.export only where the model's own forward cannot be traced (Hugging Face
+    models: keyword inputs, output dataclasses, control flow on the config).
     """
 
     KIND: ClassVar[str] = "quant"
@@ -120,6 +129,7 @@ class QuantConfig(_Config):
     trace_fallback: bool = False
     replace_attention: bool = True  # open nn.MultiheadAttention into quantizable linears/matmuls
     integer_zero_point: bool = False
+    capture: str = "auto"  # "fx" symbolic tracing, "export" torch.export (ATen graph), "auto" fx then export
 
     def __post_init__(self):
         if not isinstance(self.integer_zero_point, bool):
@@ -199,6 +209,7 @@ class DFQConfig(_Config):
     trace_fallback: bool = False
     replace_attention: bool = True  # as in QuantConfig
     embed_layout: str = "auto"
+    capture: str = "auto"  # as in QuantConfig
 
     def __post_init__(self):
         if self.embed_layout not in EMBED_LAYOUTS:

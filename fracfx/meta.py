@@ -19,11 +19,12 @@ FROZEN = "fracfx_frozen"  # GraphModule.meta: tuple[FrozenQuant, ...] written by
 BLOCK = "fracfx_block"  # BlockSpec on every compute node inside a gated block, and on its gate's mask node
 BLOCK_PORTS = "fracfx_block_ports"  # tuple[BlockPort, ...] on the nodes that are a block's input/shortcut/output
 SHAPE = "fracfx_shape"  # TensorShape on every node that produced a tensor on the example inputs
+CAPTURED = "fracfx_captured"  # GraphModule.meta: "fx" (symbolic trace) or "export" (torch.export, ATen ops)
 MODULE_STACK = "nn_module_stack"  # torch.fx's own: the module calls a node was traced inside
 
 # every key the pass contract governs (fracfx.passes.infra.run_pipeline checks reads and writes)
 NODE_KEYS = (QUANT_SPEC, OP_COST, QUANT_BINDING, INSERTED, BLOCK, BLOCK_PORTS, SHAPE, MODULE_STACK)
-GRAPH_KEYS = (TRACE_LEAVES, FROZEN)
+GRAPH_KEYS = (TRACE_LEAVES, FROZEN, CAPTURED)
 
 # op kinds (QuantSpec.kind)
 CONV, LINEAR, MATMUL = "conv", "linear", "matmul"

@@ -14,13 +14,14 @@ from fracfx.passes.infra import run_pipeline, step
 from fracfx.passes.insert_gates import insert_gates
 from fracfx.passes.insert_markers import insert_markers
 from fracfx.passes.insert_quant import insert_quant
+from fracfx.passes.lower_aten import lower_aten
 from fracfx.passes.integer_arithmetic import integer_arithmetic
 from fracfx.passes.pin_candidates import pin_candidates
 from fracfx.passes.propagate_shapes import propagate_shapes
 from fracfx.passes.replace_attention import replace_attention
 
 PASSES = (
-    capture_graph, replace_attention, annotate_quant, propagate_shapes, annotate_blocks, annotate_cost, insert_quant,
+    capture_graph, lower_aten, replace_attention, annotate_quant, propagate_shapes, annotate_blocks, annotate_cost, insert_quant,
     insert_gates, pin_candidates, freeze_precision, integer_arithmetic, insert_markers,
 )
 

@@ -2,7 +2,9 @@
 
 A region is one call of a submodule: the nodes whose nn_module_stack holds that call. By default
 the gated regions are residual blocks, recognised from the graph alone (no names, no types):
-  - the body has one tensor input x (parameters aside) and one output value;
+  - the body has one tensor input x (parameters aside) and one output value; of several inputs
+    (an exported transformer block also reads the attention mask), the one its residual stream
+    starts from is x, when exactly one qualifies;
   - the output is an add, possibly followed by single-input non-compute ops (ReLU, dropout,
     LayerNorm);
   - one operand of that add is x itself (identity shortcut) or a residual sum over x (a chain:
@@ -56,7 +58,7 @@ from fracfx.meta import (
 )
 from fracfx.passes.infra import copy_graph, graph_pass, rebuild
 
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 _ADD_METHODS = ("add", "add_")
 _OVERRIDE_HINT = (
     "name the gated regions yourself: DFQConfig(block_types=('MyBlock',)) for a module class, or "
@@ -178,6 +180,18 @@ def _residual_shortcut(region: _Region) -> fx.Node | None:
     return a if count_a < count_b else b
 
 
+def _residual_input(region: _Region, inputs: list[fx.Node], out: fx.Node) -> list[fx.Node]:
+    """Of several inputs (a transformer block also reads the attention mask computed outside it),
+    the one the block's residual stream starts from: [it] when exactly one is, else all of them."""
+    streams = []
+    for x in inputs:
+        region.x, region.out = x, out
+        if _residual_shortcut(region) is not None:
+            streams.append(x)
+    region.x = region.out = None
+    return streams if len(streams) == 1 else inputs
+
+
 def _has_quantized_op(region: _Region) -> bool:
     return any((spec := get_quant_spec(n)) is not None and spec.quantize for n in region.nodes)
 
@@ -190,6 +204,8 @@ def _select(regions: list[_Region], block_types: Sequence[str], block_globs: Seq
         if override and not named:
             continue
         inputs, outputs = _find_ports(region)
+        if len(inputs) > 1 and len(outputs) == 1:
+            inputs = _residual_input(region, inputs, outputs[0])
         if len(inputs) != 1 or len(outputs) != 1:
             if override:
                 raise UnsupportedGraphError(

@@ -1,6 +1,8 @@
 """annotate_quant (policy): decide, for every compute op, whether it is quantized.
 
-Supported ops: nn.Conv1d/2d/3d, nn.Linear, F.conv1d/2d/3d, F.linear, torch.matmul/bmm/mm and `@`.
+Supported ops: nn.Conv1d/2d/3d, nn.Linear, F.conv1d/2d/3d, F.linear, torch.matmul/bmm/mm and `@`;
+in a torch.export graph (after lower_aten) aten.conv1d/2d/3d, aten.convolution (not transposed),
+aten.linear, aten.matmul/mm/bmm.
 Each gets a QuantSpec; ops the config keeps FP32 get quantize=False with the reason. Compute ops
 fracfx cannot quantize (other parameterised modules and weight-consuming functions, such as the
 fused call inside nn.MultiheadAttention, or modules kept as trace leaves) are annotated too, with
@@ -29,6 +31,18 @@ _FUNCTION_KINDS = {
 _METHOD_KINDS = {"matmul": MATMUL, "bmm": MATMUL, "mm": MATMUL}
 _LOOKUP_MODULES = (nn.Embedding, nn.EmbeddingBag)
 _ELEMENTWISE_MODULES = ("_operator", "operator", "torch", "torch.functional", "torch.nn.functional", "builtins")
+aten = torch.ops.aten
+_ATEN_KINDS = {
+    aten.conv1d.default: CONV, aten.conv2d.default: CONV, aten.conv3d.default: CONV,
+    aten.conv1d.padding: CONV, aten.conv2d.padding: CONV, aten.conv3d.padding: CONV, aten.linear.default: LINEAR,
+    aten.matmul.default: MATMUL, aten.mm.default: MATMUL, aten.bmm.default: MATMUL,
+}
+_HEAVY_ATEN_NAMES = {
+    "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "einsum", "addmm", "baddbmm", "addbmm",
+    "bilinear", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention", "_native_multi_head_attention",
+    "addmv", "mv", "tensordot",
+}
 _HEAVY_FUNCTION_NAMES = {
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "einsum", "addmm", "baddbmm",
     "addbmm", "bilinear", "scaled_dot_product_attention", "multi_head_attention_forward",
@@ -46,6 +60,12 @@ def _op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         if isinstance(module, _LOOKUP_MODULES):
             return None
         return UNSUPPORTED if any(p.dim() >= 2 for p in module.parameters()) else None
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):  # a torch.export graph
+        if node.target is aten.convolution.default and not node.args[6]:  # not transposed
+            return CONV
+        if node.target in _ATEN_KINDS:
+            return _ATEN_KINDS[node.target]
+        return UNSUPPORTED if node.target.overloadpacket.__name__ in _HEAVY_ATEN_NAMES else None
     if node.op == "call_function":
         if node.target in _FUNCTION_KINDS:
             return _FUNCTION_KINDS[node.target]
@@ -73,6 +93,8 @@ def _takes_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _type_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
+    if isinstance(node.target, torch._ops.OpOverload):
+        return f"aten.{node.target.overloadpacket.__name__}"
     return getattr(node.target, "__name__", str(node.target))
 
 

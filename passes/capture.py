@@ -1,4 +1,16 @@
-"""capture_graph: nn.Module -> GraphModule by torch.fx symbolic tracing.
+"""capture_graph: nn.Module -> GraphModule, by torch.fx symbolic tracing or by torch.export.
+
+mode="fx" traces symbolically (module calls stay nodes, any batch size afterwards); mode="export"
+captures with torch.export.export(model, args, kwargs, strict=False) and unlifts the program
+(ExportedProgram.module()): an ATen-level graph, parameters as get_attr nodes of their original
+paths, each op's module path in node.meta["nn_module_stack"], inputs and outputs with the
+model's own structure (keyword inputs, dict or dataclass outputs), shapes specialised to the
+example inputs. mode="auto" traces with fx and, where fx fails (the root forward of Hugging Face
+models: keyword inputs, output dataclasses, control flow on the config) and example inputs are
+given, uses torch.export; when both fail, one error names both failures and the fixes. An
+ExportedProgram, or the GraphModule its .module() returns, is accepted as it is. The model's
+mode is baked into ATen batch_norm/dropout calls: fracfx.passes.lower_aten gives them back their
+train/eval switch.
 
 The model is deep-copied first, so nothing a later pass or training does touches the caller's
 model. A trace failure names the innermost module being traced, the source line, and the fixes;
@@ -21,8 +33,10 @@ import torch.fx as fx
 from torch import nn
 
 from fracfx.errors import UnsupportedGraphError
-from fracfx.meta import MODULE_STACK, TRACE_LEAVES
+from fracfx.meta import CAPTURED, MODULE_STACK, TRACE_LEAVES
 from fracfx.passes.infra import copy_graph, graph_module, graph_pass, rebuild
+
+FX, EXPORT, AUTO = "fx", "export", "auto"
 
 _MAX_FALLBACKS = 64
 _TRACING_CODE = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +62,7 @@ class _CaptureTracer(fx.Tracer):
             raise
 
 
-@graph_pass(writes=(MODULE_STACK, TRACE_LEAVES))
+@graph_pass(writes=(MODULE_STACK, TRACE_LEAVES, CAPTURED))
 def capture_graph(
     model: nn.Module,
     /,
@@ -56,14 +70,36 @@ def capture_graph(
     leaf_modules: Sequence[str] = (),
     concrete_args: dict[str, Any] | None = None,
     fallback: bool = False,
+    mode: str = FX,
+    example_args: Sequence[Any] = (),
+    example_kwargs: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
     """Trace `model` (or copy an already traced GraphModule) into a fresh GraphModule."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return _from_exported(model.module())
     if not isinstance(model, nn.Module):
-        raise UnsupportedGraphError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise UnsupportedGraphError(f"expected a torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")
     if isinstance(model, fx.GraphModule):
+        if _is_exported(model):
+            return _from_exported(_deepcopy(model))
         graph, _ = copy_graph(model)
-        return rebuild(_deepcopy(model), graph)
+        out = rebuild(_deepcopy(model), graph)
+        out.meta.setdefault(CAPTURED, FX)
+        return out
+    if mode not in (FX, EXPORT, AUTO):
+        raise UnsupportedGraphError(f"capture mode {mode!r} is not one of {(FX, EXPORT, AUTO)}")
     model = _deepcopy(model)
+    if mode == EXPORT:
+        return _export(model, example_args, example_kwargs, None)
+    try:
+        return _trace(model, leaf_modules, concrete_args, fallback)
+    except UnsupportedGraphError as error:
+        if mode == FX:
+            raise
+        return _export(model, example_args, example_kwargs, error)
+
+
+def _trace(model: nn.Module, leaf_modules: Sequence[str], concrete_args, fallback: bool) -> fx.GraphModule:
     leaves = list(leaf_modules)
     skipped: list[str] = []
     for _ in range(_MAX_FALLBACKS):
@@ -79,8 +115,48 @@ def capture_graph(
             continue
         gm = graph_module(tracer.root, graph)
         gm.meta[TRACE_LEAVES] = tuple(skipped)
+        gm.meta[CAPTURED] = FX
         return gm
     raise UnsupportedGraphError(f"gave up after keeping {_MAX_FALLBACKS} modules as leaves: {skipped}")
+
+
+def _export(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None, fx_error: Exception | None) -> fx.GraphModule:
+    """torch.export (non-strict, training IR) of the deep-copied model; one error for both paths."""
+    tried = f"{fx_error}\n" if fx_error is not None else ""
+    if not args and not kwargs:
+        raise UnsupportedGraphError(
+            f"{tried}torch.export needs example inputs to capture the model: pass example_inputs to fracfx.transform "
+            "(a tensor, a tuple of positional inputs, or a dict of keyword inputs such as {'input_ids': ids})"
+        )
+    try:
+        with _intra_op_threads(1):  # capture is dispatch-bound; a thread pool per tiny op only costs
+            program = torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), strict=False)
+    except Exception as error:
+        reason = str(error).strip().splitlines()
+        reason = reason[0] if reason else ""
+        raise UnsupportedGraphError(
+            f"{tried}torch.export could not capture {type(model).__name__} either: {type(error).__name__}: {reason}\n"
+            "  fix: make forward traceable (or mark the failing module a leaf), pass example_inputs the model accepts, "
+            "return tensors, tuples, dicts or pytree-registered dataclasses (Hugging Face: config.use_cache=False), and "
+            "avoid data-dependent Python control flow (torch.cond), or capture it yourself and pass the ExportedProgram"
+        ) from error
+    return _from_exported(program.module())
+
+
+def _is_exported(gm: fx.GraphModule) -> bool:
+    return gm.meta.get(CAPTURED) == EXPORT or any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+
+def _from_exported(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fracfx GraphModule of an unlifted exported program, without its input-shape guard."""
+    graph, _ = copy_graph(gm)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            graph.erase_node(node)
+    out = rebuild(gm, graph)
+    out.meta[TRACE_LEAVES] = ()
+    out.meta[CAPTURED] = EXPORT
+    return out
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

@@ -40,6 +40,10 @@ def _written_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
             if getattr(attr(gm, user.target), "inplace", False):
                 return True
             continue
+        if isinstance(user.target, torch._ops.OpOverload):  # a torch.export graph: the schema says
+            if user.target._schema.is_mutable:
+                return True
+            continue
         name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
         if name.endswith("_") or user.kwargs.get("inplace") is True or any(a is True for a in user.args[1:]):
             return True

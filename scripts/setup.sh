@@ -20,12 +20,12 @@ fi
 # runtime packages) resolve to another checkout than this one: an editable install points at one
 # folder, and a fresh clone elsewhere must test its own code.
 here=$(pwd -P)
-if ! python -c "import fracfx, torch, torchvision, onnxruntime, pytest, ninja" >/dev/null 2>&1 \
+if ! python -c "import fracfx, torch, torchvision, onnxruntime, pytest, ninja, transformers, timm" >/dev/null 2>&1 \
    || [ "$(python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "2.14.1" ] \
    || [ "$(cd / && python -c 'import os, fracfx.passes; print(os.path.dirname(os.path.dirname(os.path.realpath(fracfx.passes.__file__))))' 2>/dev/null)" != "$here" ]; then
-    echo "setup: installing fracfx (editable) with torch==2.14.1, torchvision==0.29.1 and the test extra"
+    echo "setup: installing fracfx (editable) with torch==2.14.1, torchvision==0.29.1 and the test, hf and timm extras"
     python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    python -m pip install -q -e ".[test]"
+    python -m pip install -q -e ".[test,hf,timm]"
 fi
 # the fused quantizer kernels (C++, ~15 s once; fracfx falls back to eager torch code without them)
 python -m fracfx.nn.kernels --build || echo "setup: fused quantizer kernels not built; fracfx will use its eager quantizers"

@@ -65,7 +65,7 @@ def test_the_first_pass_failing_says_so():
 
 
 def test_transform_errors_name_the_pass():
-    with pytest.raises(ConfigError, match=r"pass 'propagate_shapes' failed \(after capture_graph, replace_attention, annotate_quant\)"):
+    with pytest.raises(ConfigError, match=r"pass 'propagate_shapes' failed \(after capture_graph, lower_aten, replace_attention, annotate_quant\)"):
         fracfx.transform(ConvNet(), example_inputs=torch.randn(2, 5, 6, 6))
 
 

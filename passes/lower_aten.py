@@ -1,0 +1,156 @@
+"""lower_aten: make a torch.export (ATen-level) graph one that the other passes can work on.
+
+A no-op on symbolically traced graphs. On an exported graph (fracfx.passes.capture, mode
+"export"), each rewrite keeps the op's nn_module_stack, so module paths still name the owner:
+
+    aten.addmm(bias, x, W)          W a parameter (Hugging Face Conv1D, W is (in, out)):
+                                    aten.linear(x, aten.t(W), bias), the same gemm bit for bit,
+                                    so the weight quantizer sees W.t() with output channels first;
+                                    where x is a (B*T, C) view of (B, T, C) and the result is only
+                                    reshaped, the linear takes the (B, T, C) tensor (batch first)
+    aten.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale)
+                                    torch.matmul(q, k^T) * scale -> causal/explicit mask ->
+                                    softmax -> Dropout -> torch.matmul(., v): the QK^T and AV
+                                    products become matmuls that annotate_quant quantizes, as the
+                                    fx path does for nn.MultiheadAttention (equal to the fused
+                                    kernel up to float rounding, ~1e-7 relative)
+    aten.dropout(x, p, train)       an nn.Dropout(p) call_module, and
+    aten.batch_norm(..., training)  a fracfx.nn.exported.ModeBatchNorm call_module: export bakes
+                                    the model's mode into both; as modules, train()/eval() switch
+                                    them again (dropout with p == 0 disappears)
+
+The new modules live under `fracfx_lowered.<node>`; parameters stay where the graph reads them.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.operator_schemas import normalize_function
+
+from fracfx.meta import MODULE_STACK
+from fracfx.nn.exported import ModeBatchNorm
+from fracfx.passes.infra import attr, copy_graph, graph_pass, rebuild
+
+LOWERED_ROOT = "fracfx_lowered"
+aten = torch.ops.aten
+
+
+def _arguments(node: fx.Node) -> dict:
+    normalized = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+    return dict(normalized.kwargs)
+
+
+def _is_parameter(gm: fx.GraphModule, node) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    value = attr(gm, node.target)
+    return isinstance(value, torch.Tensor) and value.dim() == 2
+
+
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _unflattened(node: fx.Node, x):
+    """Conv1D flattens (B, T, C) to (B*T, C) for addmm and views the result back: the linear then
+    takes the (B, T, C) input itself (the same gemm; DFQ needs the batch first on every operand)."""
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target in _RESHAPES and len(x.users) == 1):
+        return x
+    source = x.args[0]
+    if not isinstance(source, fx.Node) or "val" not in source.meta or "val" not in x.meta:
+        return x
+    before, after = source.meta["val"].shape, x.meta["val"].shape
+    if len(before) < 2 or before[-1] != after[-1]:
+        return x
+    if not all(u.op == "call_function" and u.target in _RESHAPES for u in node.users):
+        return x
+    return source
+
+
+class _Lowering:
+    def __init__(self, gm: fx.GraphModule, graph: fx.Graph):
+        self.gm, self.graph, self.modules = gm, graph, {}
+
+    def module(self, node: fx.Node, module: nn.Module, args) -> fx.Node:
+        target = f"{LOWERED_ROOT}.{node.name}"
+        self.modules[target] = module
+        module.training = self.gm.training
+        new = self.graph.call_module(target, tuple(args))
+        new.meta[MODULE_STACK] = node.meta.get(MODULE_STACK)
+        return new
+
+    def replace(self, node: fx.Node, new) -> None:
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+
+    def dropout(self, node: fx.Node) -> None:
+        x, p = node.args[0], node.args[1]
+        with self.graph.inserting_before(node):
+            self.replace(node, self.module(node, nn.Dropout(p), (x,)) if p > 0 else x)
+
+    def batch_norm(self, node: fx.Node) -> None:
+        x, weight, bias, mean, var, _training, momentum, eps = node.args[:8]
+        if mean is None or var is None:  # no running statistics: batch statistics in both modes already
+            return
+        with self.graph.inserting_before(node):
+            self.replace(node, self.module(node, ModeBatchNorm(momentum, eps), (x, weight, bias, mean, var)))
+
+    def addmm(self, node: fx.Node) -> None:
+        bias, x, weight = node.args[:3]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or not _is_parameter(self.gm, weight):
+            return
+        x = _unflattened(node, x)
+        with self.graph.inserting_before(node):
+            transposed = self.graph.call_function(aten.t.default, (weight,))
+            linear = self.graph.call_function(aten.linear.default, (x, transposed, bias))
+        for new in (transposed, linear):
+            new.meta[MODULE_STACK] = node.meta.get(MODULE_STACK)
+        self.replace(node, linear)
+
+    def attention(self, node: fx.Node) -> None:
+        a = _arguments(node)
+        if a.get("enable_gqa") or "val" not in a["query"].meta:
+            return
+        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+        length, source, width = q.meta["val"].shape[-2], k.meta["val"].shape[-2], q.meta["val"].shape[-1]
+        scale = a.get("scale")
+        scale = 1.0 / math.sqrt(width) if scale is None else scale
+        tracer = fx.proxy.GraphAppendingTracer(self.graph)
+        tracer.module_stack = collections.OrderedDict(node.meta.get(MODULE_STACK) or {})
+        P = lambda n: fx.Proxy(n, tracer)
+        with self.graph.inserting_before(node):
+            scores = torch.matmul(P(q), P(k).transpose(-2, -1)) * scale
+            if a.get("is_causal"):
+                keep = P(q).new_ones(length, source, dtype=torch.bool).tril()
+                scores = scores.masked_fill(keep.logical_not(), float("-inf"))
+            if mask is not None:
+                if mask.meta.get("val") is not None and mask.meta["val"].dtype == torch.bool:
+                    scores = scores.masked_fill(P(mask).logical_not(), float("-inf"))
+                else:
+                    scores = scores + P(mask)
+            weights = torch.softmax(scores, dim=-1)
+            if a.get("dropout_p", 0.0) > 0:
+                weights = P(self.module(node, nn.Dropout(a["dropout_p"]), (weights.node,)))
+            out = torch.matmul(weights, P(v))
+        self.replace(node, out.node)
+
+
+@graph_pass(writes=(MODULE_STACK,))
+def lower_aten(gm: fx.GraphModule, /) -> fx.GraphModule:
+    """Return a copy of gm with the ATen ops above rewritten (see the module docstring)."""
+    graph, _ = copy_graph(gm)
+    lowering = _Lowering(gm, graph)
+    rules = {
+        aten.dropout.default: lowering.dropout,
+        aten.batch_norm.default: lowering.batch_norm,
+        aten.addmm.default: lowering.addmm,
+        aten.scaled_dot_product_attention.default: lowering.attention,
+    }
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in rules:
+            rules[node.target](node)
+    return rebuild(gm, graph, lowering.modules)
