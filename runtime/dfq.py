@@ -8,6 +8,12 @@ quantized op o in block b, M_o its MACs per sample (meta.OpCost) and w_o its wei
     C_norm = C / (32*32 * mean_b M_b)                       M_b = sum_{o in b} M_o
     loss   = r * beta * C_norm,  r = +1 if cp >= target, -1 below (in a relax band: +-band_sign)
 
+error_gain (fracfx; 0, the paper's rule, by default) scales r by the cp error:
+    r <- r * (1 + error_gain * |cp - target|)          (cp and target in percent of FP32)
+so that far from the set-point (after FracTrain raised it) the gates move error_gain * error
+times faster, and near it the term is the paper's. The rule is stateless: a checkpoint holds
+only the setting, and resume stays exact.
+
 C_norm is the reference's normalisation (per-sample sums, block MACs over their mean), so the
 paper's beta = 1e-3 keeps its strength. Only gated ops enter C and cp (as in the paper and its
 cost table: the gate cannot change the rest); the whole-model cost belongs to the cost meter.
@@ -97,7 +103,8 @@ def _finite(value, what: str, minimum: float = -math.inf) -> float:
 class DFQController:
     """The cost term of DFQ training, the cp it steers, and per-block candidate usage."""
 
-    def __init__(self, gm: fx.GraphModule, *, target_ratio: float, beta: float = 1e-3, relax: float = 0.0, band_sign: float = 0.0, reduce=None):
+    def __init__(self, gm: fx.GraphModule, *, target_ratio: float, beta: float = 1e-3, relax: float = 0.0, band_sign: float = 0.0,
+                 reduce=None, error_gain: float = 0.0):
         if not isinstance(gm, fx.GraphModule):
             raise ConfigError("DFQController needs the GraphModule returned by fracfx.transform(model, fracfx.DFQConfig(...), example_inputs=...)")
         self.blocks = _find_blocks(gm)
@@ -109,6 +116,7 @@ class DFQController:
         self.beta = _finite(beta, "beta", 0.0)
         self.relax = _finite(relax, "relax (width of the band around target_ratio, in cp percent)", 0.0)
         self.band_sign = _finite(band_sign, "band_sign (r inside the relax band, e.g. 0 or 0.1)", 0.0)
+        self.error_gain = _finite(error_gain, "error_gain (r scales by 1 + error_gain * |cp - target|; 0 = the paper's rule)", 0.0)
         self.labels = self.blocks[0].choice.table.labels
         self.usage_counts: dict[str, list[int]] = {b.name: [0] * len(self.labels) for b in self.blocks}
         self.last_cp: float | None = None
@@ -204,7 +212,10 @@ class DFQController:
         With `reduce`, r follows the global cp and this rank's C is scaled by the world size, so
         that DDP's gradient average equals the gradient of the global batch's cost term.
         """
-        r = self.sign(self.observe())
+        cp = self.observe()
+        r = self.sign(cp)
+        if self.error_gain > 0:
+            r = r * (1.0 + self.error_gain * abs(cp - self.target_ratio))
         mean_block_macs = self.total_macs / len(self.blocks)
         if self.reduce is not None:
             r = r * self.reduce.world_size
@@ -219,7 +230,10 @@ class DFQController:
         self.usage_counts = {name: [0] * len(self.labels) for name in self.usage_counts}
 
     def _settings(self) -> dict[str, Any]:
-        return {"beta": self.beta, "relax": self.relax, "band_sign": self.band_sign, "labels": list(self.labels), "blocks": [b.name for b in self.blocks]}
+        settings = {"beta": self.beta, "relax": self.relax, "band_sign": self.band_sign, "labels": list(self.labels), "blocks": [b.name for b in self.blocks]}
+        if self.error_gain > 0:  # absent at 0: checkpoints of the paper's rule keep their earlier form
+            settings["error_gain"] = self.error_gain
+        return settings
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -231,6 +245,11 @@ class DFQController:
         if not isinstance(state, dict) or state.get("kind") != "dfq" or state.get("version") != STATE_VERSION:
             raise ConfigError("not a DFQController state; pass the dict that DFQController.state_dict() returned")
         _check_settings(state, self._settings(), "DFQController")
+        if float(state.get("error_gain", 0.0)) != self.error_gain:
+            raise ConfigError(
+                f"DFQController state was saved with error_gain={state.get('error_gain', 0.0)!r} but this one has "
+                f"error_gain={self.error_gain!r}; construct it with the same settings as the run you resume"
+            )
         try:
             target = _finite(state["target_ratio"], "target_ratio", 0.0)
             last = None if state["last_cp"] is None else float(state["last_cp"])
@@ -240,7 +259,8 @@ class DFQController:
         self.target_ratio, self.last_cp, self.usage_counts = target, last, usage
 
     def __repr__(self) -> str:
-        return f"DFQController(blocks={len(self.blocks)}, target_ratio={self.target_ratio}, beta={self.beta}, last_cp={self.last_cp})"
+        gain = f", error_gain={self.error_gain}" if self.error_gain > 0 else ""
+        return f"DFQController(blocks={len(self.blocks)}, target_ratio={self.target_ratio}, beta={self.beta}{gain}, last_cp={self.last_cp})"
 
 
 class FracTrainScheduler:

@@ -20,4 +20,8 @@ def test_demo_end_to_end(tmp_path):
     assert abs(summary["accuracy_onnx"] - summary["accuracy_fixed_precision_pytorch"]) <= 100 / 256
     assert 0 < summary["effective_macs_saving_vs_static8"] < 1
     assert (out / "report.png").stat().st_size > 10_000
+    # several evaluations (every panel has a curve) and the loss between them
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+    assert [p for m in metrics for p in m["loss_trace"]][0][0] == 1
     assert (out / "model.onnx").is_file() and (out / "model_int4.onnx").stat().st_size < (out / "model.onnx").stat().st_size

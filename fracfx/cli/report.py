@@ -1,4 +1,9 @@
-"""`fracfx report RUN_DIR [RUN_DIR ...]`: draw training runs as a PNG and print a summary table."""
+"""`fracfx report RUN_DIR [RUN_DIR ...]`: draw training runs as a PNG and print a summary table.
+
+`fracfx report SWEEP_DIR` (a folder of run folders, e.g. RUNS/pfq/seed0 ...): results.csv (one row
+per run), summary.csv and summary.md (mean +- std per variant over seeds) and report.png (seeds
+shaded) into SWEEP_DIR; see fracfx.train.results.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from fracfx.cli.flags import add_flag
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("report", help="plot training runs: loss, accuracy, precision and cumulative cost vs iteration")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `fracfx train --save-folder` (several overlay)")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `fracfx train --save-folder` (several overlay), or one sweep folder holding run folders "
+                        "(writes results.csv, summary.csv, summary.md, report.png there)")
     add_flag(parser, "-o", "--output", default=None, help="PNG path (default RUN_DIR/report.png of the first run)")
     parser.set_defaults(func=run)
 
@@ -17,8 +23,16 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from fracfx.train.report import load_run, plot_runs, runs_table
+    from fracfx.train.report import METRICS, load_run, plot_runs, runs_table
 
+    if len(args.run_dirs) == 1 and Path(args.run_dirs[0]).is_dir() and not (Path(args.run_dirs[0]) / METRICS).is_file():
+        from fracfx.train.results import report_sweep
+
+        paths = report_sweep(args.run_dirs[0], args.output)
+        print(paths["summary_md"].read_text(encoding="utf-8"), end="")
+        for path in paths.values():
+            print(f"wrote {path}")
+        return 0
     output = args.output or str(Path(args.run_dirs[0]) / "report.png")
     path = plot_runs(args.run_dirs, output)
     console = Console()

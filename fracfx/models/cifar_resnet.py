@@ -51,7 +51,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ConfigError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 38, 56, 74, 110), got {depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 38, 56, 74, 110), got {depth}")
         blocks_per_stage = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, STAGE_WIDTHS[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])
@@ -83,6 +83,16 @@ def _init_weights(model: nn.Module) -> None:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+def cifar_resnet8(*, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-8 (n = 1), about 0.08M parameters: sized for full-schedule runs on a 2-core CPU."""
+    return CifarResNet(8, num_classes, in_channels)
+
+
+def cifar_resnet14(*, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-14 (n = 2), about 0.17M parameters: sized for full-schedule runs on a 2-core CPU."""
+    return CifarResNet(14, num_classes, in_channels)
 
 
 def cifar_resnet20(*, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:

@@ -20,7 +20,7 @@ from torch import nn
 
 from fracfx.errors import ConfigError
 from fracfx.models.cifar_mobilenet_v2 import cifar_mobilenet_v2
-from fracfx.models.cifar_resnet import cifar_resnet20, cifar_resnet38, cifar_resnet74
+from fracfx.models.cifar_resnet import cifar_resnet8, cifar_resnet14, cifar_resnet20, cifar_resnet38, cifar_resnet74
 from fracfx.models.transformer_lm import transformer_lm_zoo
 
 DEFAULT_NUM_CLASSES = 10
@@ -39,6 +39,8 @@ class ZooEntry:
 
 
 ZOO: dict[str, ZooEntry] = {
+    "cifar_resnet8": ZooEntry(cifar_resnet8, (32, 32)),
+    "cifar_resnet14": ZooEntry(cifar_resnet14, (32, 32)),
     "cifar_resnet20": ZooEntry(cifar_resnet20, (32, 32)),
     "cifar_resnet38": ZooEntry(cifar_resnet38, (32, 32)),
     "cifar_resnet74": ZooEntry(cifar_resnet74, (32, 32)),

@@ -86,4 +86,7 @@ def run_summary(config, plan, metrics: list[dict], cost: dict, elapsed: float, t
         "savings_vs_fp32": 1.0 - cost["ratio_vs_fp32"],
         "elapsed_s": round(elapsed, 1),
         **task.summary_fields(metrics),
+        "seed": config.seed,
+        # dfq / fractrain: per FracTrain stage, the mean cp against its set-point (percent of FP32)
+        **({"stage_cp": last["method_state"]["stage_cp"]} if "stage_cp" in (last.get("method_state") or {}) else {}),
     }

@@ -98,7 +98,11 @@ def plot_runs(run_dirs, output: str | os.PathLike) -> Path:
     for index, run in enumerate(runs):
         color = colors[index % len(colors)]
         it = [m["iteration"] for m in run.metrics]
-        ax_loss.plot(it, [m["train_loss"] for m in run.metrics], color=color, label=f"{run.label} train")
+        trace = [point for m in run.metrics for point in (m.get("loss_trace") or [])]
+        if trace:
+            ax_loss.plot([p[0] for p in trace], [p[1] for p in trace], color=color, linewidth=0.8, alpha=0.5,
+                         label=f"{run.label} train (every few iterations)")
+        ax_loss.plot(it, [m["train_loss"] for m in run.metrics], color=color, marker="o", markersize=3, label=f"{run.label} train")
         ax_loss.plot(it, [m["test_loss"] for m in run.metrics], color=color, linestyle="--", label=f"{run.label} test")
         ax_acc.plot(it, [m[score.key] for m in run.metrics], color=color, marker="o", markersize=3, label=run.label)
         _plot_bits(ax_bits, run, color)

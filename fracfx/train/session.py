@@ -107,7 +107,20 @@ class Session:
         self.window["correct"] += int((logits.detach().argmax(1) == labels).sum())
         self.window["samples"] += len(labels)
         self.window["steps"] += 1
+        # the loss curve between evaluations: mean CE over every eval_every / 10 iterations (this
+        # rank's share in a data-parallel run), written as the metrics line's loss_trace
+        pending = self.window.setdefault("trace_pending", [0.0, 0])
+        pending[0] += ce_value
+        pending[1] += 1
+        if self.iteration % max(1, self.plan.eval_every // 10) == 0:
+            self._flush_trace()
         return ce_value
+
+    def _flush_trace(self) -> None:
+        pending = self.window.get("trace_pending")
+        if pending and pending[1]:
+            self.window.setdefault("trace", []).append([self.iteration, round(pending[0] / pending[1], 6)])
+            self.window["trace_pending"] = [0.0, 0]
 
     def _evaluate(self) -> tuple[float, float, dict]:
         """(test loss, test accuracy, training window): over all ranks in a data-parallel run."""
@@ -125,9 +138,11 @@ class Session:
         """Evaluate, append the metrics record, checkpoint (atomically), then write the metrics line."""
         from fracfx.runtime.checkpoint import save_checkpoint
 
+        self._flush_trace()
         test_loss, test_acc, window = self._evaluate()
         record = metrics_record(self.iteration, self.plan, window, test_loss, test_acc, self.lr_schedule.get_last_lr()[0],
                                 self.recipe.status(), self.recipe.meter.summary())
+        record["loss_trace"] = list(self.window.get("trace", []))  # [iteration, mean training loss] since the last evaluation
         self.task.add_metrics(record)  # language models: train_ppl, test_ppl
         record[TIMING_KEY] = {"elapsed_s": round(self.elapsed(), 3), "unix_time": round(time.time(), 3)}
         self.metrics.append(record)

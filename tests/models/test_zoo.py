@@ -12,7 +12,7 @@ from fracfx.models import build_model, default_input_size, list_models
 from fracfx.models.cifar_mobilenet_v2 import InvertedResidual
 from fracfx.models.cifar_resnet import BasicBlock, CifarResNet
 
-ZOO = ("cifar_resnet20", "cifar_resnet38", "cifar_resnet74", "cifar_mobilenet_v2")  # image models
+ZOO = ("cifar_resnet8", "cifar_resnet14", "cifar_resnet20", "cifar_resnet38", "cifar_resnet74", "cifar_mobilenet_v2")  # image models
 ALL_ZOO = ZOO + ("transformer_lm",)
 
 
@@ -37,7 +37,7 @@ def _params(model: nn.Module) -> int:
 @pytest.mark.parametrize(
     "name, expected",
     # FRACTRAIN.md section 6 (0.565M, 1.150M, about 2.30M); ResNet-20 with projection shortcuts
-    [("cifar_resnet38", 565_000), ("cifar_resnet74", 1_150_000), ("cifar_mobilenet_v2", 2_300_000), ("cifar_resnet20", 272_000)],
+    [("cifar_resnet8", 78_000), ("cifar_resnet14", 175_000), ("cifar_resnet38", 565_000), ("cifar_resnet74", 1_150_000), ("cifar_mobilenet_v2", 2_300_000), ("cifar_resnet20", 272_000)],
 )
 def test_parameter_counts_match_the_paper_within_2_percent(name, expected):
     assert abs(_params(build_model(name)) - expected) / expected < 0.02

@@ -177,3 +177,60 @@ def test_errors_say_what_to_do():
         DFQController(gm, target_ratio=3.0).cost_loss()
     with pytest.raises(ConfigError, match="target_ratio"):
         DFQController(gm, target_ratio=float("nan"))
+
+
+def _step_response(error_gain: float, iterations: int = 100) -> list[float]:
+    """A controlled toy: ResNet-8's gates with only the shared head's bias trainable (every sample
+    gets the same softmax, so cp is one candidate's cost), settled on the cheapest candidate
+    (1.758 %) when the set-point steps to 3.0; plain SGD at lr 100 on the cost term alone."""
+    from fracfx.models.cifar_resnet import cifar_resnet8
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    gm = fracfx.transform(cifar_resnet8(), fracfx.DFQConfig(), example_inputs=x[:2])
+    for parameter in gm.parameters():
+        parameter.requires_grad_(False)
+    head = gm.get_submodule("fracfx_gate.head")
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0]))
+    head.bias.requires_grad_(True)
+    controller = DFQController(gm, target_ratio=3.0, error_gain=error_gain)
+    optimizer = torch.optim.SGD([head.bias], lr=100.0)
+    cps = []
+    for _ in range(iterations):
+        gm(x)
+        loss = controller.cost_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        cps.append(controller.last_cp)
+    return cps
+
+
+def test_error_gain_follows_a_set_point_step_within_the_first_tenth():
+    """The paper's rule (error_gain 0) stays on the cheapest candidate for the first tenth of a
+    100-iteration stage after the set-point rose from below 1.758 to 3.0; error_gain 20 reaches
+    the set-point's neighbourhood within it and then hovers around it."""
+    paper, fast = _step_response(0.0), _step_response(20.0)
+    assert max(paper[:10]) == pytest.approx(1.7578125, abs=1e-3)
+    assert max(fast[:10]) >= 2.5
+    assert abs(sum(fast[10:]) / 90 - 3.0) < 0.25 and sum(paper[10:]) / 90 < 2.5
+
+
+def test_error_gain_scales_the_cost_term_and_is_checked_on_resume(resnet):
+    _, gm = resnet
+    force(gm, 4)  # a6g12: cp 4.6875
+    gm(EXAMPLE)
+    plain, gained = DFQController(gm, target_ratio=3.0), DFQController(gm, target_ratio=3.0, error_gain=2.0)
+    ratio = float(gained.cost_loss()) / float(plain.cost_loss())
+    assert ratio == pytest.approx(1 + 2.0 * (4.6875 - 3.0), rel=1e-5)
+    assert "error_gain" not in plain.state_dict()  # the paper's rule keeps the earlier checkpoint form
+    state = json.loads(json.dumps(gained.state_dict()))
+    DFQController(gm, target_ratio=3.0, error_gain=2.0).load_state_dict(state)
+    with pytest.raises(ConfigError, match="error_gain"):
+        DFQController(gm, target_ratio=3.0).load_state_dict(state)
+    with pytest.raises(ConfigError, match="error_gain"):
+        DFQController(gm, target_ratio=3.0, error_gain=1.0).load_state_dict(state)
+    with pytest.raises(ConfigError, match="error_gain"):
+        DFQController(gm, target_ratio=3.0, error_gain=-1.0)

@@ -76,6 +76,8 @@ def dfq_options(target_ratio: float, target_help: str) -> tuple[Option, ...]:
         Option("beta", float, 1e-3, "strength of the DFQ cost term (FRACTRAIN.md section 3)", check=_check_ratio),
         Option("candidates", str, DEFAULT_CANDIDATES, "gate candidates: comma-separated A:G bit pairs, 'skip', 'fp32'", check=_check_candidates),
         Option("relax", float, 0.0, "cp band around the set-point where the cost term's sign is 0", check=_check_ratio),
+        Option("error_gain", float, 0.0, "scale the cost term's sign by 1 + error_gain * |cp - set-point| (cp in %): the gates "
+               "follow a raised set-point faster; 0 = the paper's rule", check=_check_ratio),
     ) + bit_options("ungated ops' ", weight_default=4)
 
 
@@ -95,7 +97,8 @@ def dfq_recipe(model, example_input, context: BuildContext, *, scheduler=None) -
     gm = transform(model, config, example_inputs=example_input)
     seed_rounding(gm, c.seed)
     controller = DFQController(gm, target_ratio=context.option("target_ratio"), beta=context.option("beta"),
-                               relax=context.option("relax"), reduce=context.ranks)
+                               relax=context.option("relax"), reduce=context.ranks,
+                               error_gain=context.option("error_gain"))
     frac = None if scheduler is None else scheduler(controller)
     usage = DFQUsage(controller, window=context.plan.window, reduce=context.ranks, **({} if frac is None else {"stage": lambda: frac.stage}))
     meter = DFQCostMeter(gm, controller)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 14, item 2: the KJV language-model sweep. transformer_lm (d_model 128, 2 layers, 4 heads,
+# context 64, tied head quantized too: --keep-fp32 with no value) on the King James Bible,
+# character level, ITERS (default 3000) iterations at batch 32 (96,000 windows, about 1.4 epochs of
+# the 4.3M-character training split), Adam LR 1e-3 with x0.1 at 50 % and 75 % of the run, evaluated
+# 10 times on the first 1024 validation windows, a checkpoint at each evaluation; one torch thread
+# per run, JOBS (default 2) runs at a time, seeds SEEDS (default "0 1 2").
+# The indicator rule (PFQ, FracTrain), the same for every seed and variant: window = iterations /
+# 30 (100 here), eps 0.15, decay 0.4, N = 3 (as scripts/sweep_fashion_mnist.sh).
+# Variants: static8, pfq (FW 3,4,6,8 / BW 6,6,8,8), fractrain (w 4, candidates 3:6,4:6,4:8,6:8,6:12,
+# set-point 1.5 + 0.5 per turning point, the paper's controller), fractrain_gain (the same with
+# --error-gain GAIN, default 20), fp32 (not in the default list).
+# Sizing: the 480-iteration runs of the README took 1.5-4 minutes each beside other work (0.2-0.5
+# s per iteration), so a 3000-iteration run takes 10-25 minutes and the 12 default runs about 1-2.5
+# hours two at a time.
+# Usage: bash scripts/sweep_kjv.sh [RUNS_DIR] [VARIANT ...]   (default runs/kjv_sweep)
+# Runs land in RUNS_DIR/VARIANT/seedN; starting the script again skips finished runs and resumes
+# killed ones; at the end `fracfx report RUNS_DIR` writes results.csv, summary.csv/.md, report.png.
+# Smoke test: ITERS=30 TEST_SUBSET=64 SEEDS="0" bash scripts/sweep_kjv.sh /tmp/kjv_smoke
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/run_once.sh"
+out=${1:-runs/kjv_sweep}; shift || true
+variants=("$@"); [ ${#variants[@]} -gt 0 ] || variants=(static8 fractrain fractrain_gain pfq)
+iters=${ITERS:-3000}
+seeds=(${SEEDS:-0 1 2})
+jobs=${JOBS:-2}
+window=$(( iters / 30 )); [ "$window" -ge 1 ] || window=1
+common=(--arch transformer_lm --dataset kjv --context 64 --d-model 128 --n-layers 2 --n-heads 4
+        --batch-size 32 --iters "$iters" --optimizer adam --lr 1e-3 --keep-fp32
+        --test-subset "${TEST_SUBSET:-1024}" --threads "${THREADS:-1}" --no-progress --log-every 100)
+plateau=(--window "$window" --initial-threshold 0.15 --decay 0.4 --num-turning-point 3)
+args_of() {
+    case $1 in
+        fp32)           echo --method fp32 ;;
+        static8)        echo --method static --act-bits 8 --weight-bits 8 --grad-bits 8 ;;
+        pfq)            echo --method pfq --num-bits-schedule 3 4 6 8 --num-grad-bits-schedule 6 6 8 8 "${plateau[@]}" ;;
+        fractrain)      echo --method fractrain --weight-bits 4 --target-ratio 1.5 --target-ratio-step 0.5 "${plateau[@]}" ;;
+        fractrain_gain) echo --method fractrain --weight-bits 4 --target-ratio 1.5 --target-ratio-step 0.5 --error-gain "${GAIN:-20}" "${plateau[@]}" ;;
+        *) echo "unknown variant $1 (fp32 static8 pfq fractrain fractrain_gain)" >&2; return 2 ;;
+    esac
+}
+for variant in "${variants[@]}"; do args_of "$variant" >/dev/null; done
+echo "sweep: transformer_lm on KJV, $iters iterations, window $window, seeds ${seeds[*]}, $jobs at a time -> $out"
+mkdir -p "$out"
+failed=0
+for seed in "${seeds[@]}"; do
+    for variant in "${variants[@]}"; do
+        while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=1; done
+        mkdir -p "$out/$variant"
+        # shellcheck disable=SC2046
+        ( run_once "$out/$variant/seed$seed" "${common[@]}" --seed "$seed" $(args_of "$variant") \
+              > "$out/$variant/seed$seed.log" 2>&1 \
+          && echo "$variant seed $seed: finished" || { echo "$variant seed $seed: FAILED (see $out/$variant/seed$seed.log)"; exit 1; } ) &
+    done
+done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+fracfx report "$out"
+[ "$failed" -eq 0 ] || { echo "some runs failed; start the script again to resume them" >&2; exit 1; }
