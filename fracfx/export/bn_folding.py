@@ -13,8 +13,10 @@ Headroom (`limit`): the u8 x s8 kernels of CPUs without VNNI (AVX2, AVX-512 with
 pairs of u8 * s8 products in int16 with saturation (vpmaddubsw), so a pair must stay within
 32767: max_code_x * 2 * max|v| <= 32767. For 8-bit activations that is |v| <= 64 (7-bit
 weights, what onnxruntime's reduce_range does); activations of 7 bits or fewer leave the full
-int8 range. A channel over the limit is re-quantized symmetrically onto [-limit, limit] (its
-step grows); `FoldedWeight.requantized` counts them. VNNI (vpdpbusd) accumulates in int32 and
+int8 range. A channel over the limit (also any 8-bit asymmetric channel whose zero point is not
+128: |q - zp| reaches 255 - zp) either has its few outermost codes clipped to the limit or is
+re-quantized onto [-limit, limit] with a coarser step, whichever changes its weights less (L2);
+`FoldedWeight.requantized` counts them. VNNI (vpdpbusd) accumulates in int32 and
 needs no limit beyond int8's 127.
 """
 
@@ -71,11 +73,18 @@ def fold(weight: FrozenWeight, bias: torch.Tensor | None, bn: nn.Module | None, 
     over = v.abs().reshape(v.shape[0], -1).amax(dim=1) > limit
     requantized = int(over.sum())
     if requantized:
+        # per channel, the smaller weight change (L2) of: clip the few codes beyond the limit, or
+        # re-round every code onto a coarser step peak / limit
         real = v.double() * scale.view(shape)
         peak = real.abs().reshape(v.shape[0], -1).amax(dim=1)
         new_scale = torch.where(over, peak / limit, scale)
-        v = torch.where(over.view(shape), torch.round(real / new_scale.view(shape)).long(), v)
-        scale = new_scale
+        rounded = torch.round(real / new_scale.view(shape)).long()
+        clipped = v.clamp(-limit, limit)
+        err_round = ((rounded.double() * new_scale.view(shape) - real) ** 2).reshape(v.shape[0], -1).sum(dim=1)
+        err_clip = ((clipped.double() * scale.view(shape) - real) ** 2).reshape(v.shape[0], -1).sum(dim=1)
+        use_round = over & (err_round < err_clip)
+        v = torch.where(use_round.view(shape), rounded, clipped)
+        scale = torch.where(use_round, new_scale, scale)
     dead = scale <= 0  # a zero BatchNorm factor: the channel is its bias alone
     v = torch.where(dead.view(shape), torch.zeros_like(v), v)
     scale = torch.where(dead, torch.ones_like(scale), scale)
