@@ -74,7 +74,7 @@ def data_parallel_throughput(config, *, warmup: int, iters: int) -> dict:
     """Images per second of `fracfx train` steps with this config, in this process group.
 
     Every rank calls it (run by torchrun; a world of one is the plain single-process trainer).
-    The steps are the trainer's own (_Session.step: DDP forward/backward, the method's schedule,
+    The steps are the trainer's own (Session.step: DDP forward/backward, the method's schedule,
     the cost meter); no evaluation or checkpoint is timed. Ranks meet at a barrier before and
     after the timed steps, so the time is that of the slowest rank.
     """
@@ -83,13 +83,13 @@ def data_parallel_throughput(config, *, warmup: int, iters: int) -> dict:
 
     from fracfx.data import train_batches
     from fracfx.runtime import distributed
-    from fracfx.train import _Session
+    from fracfx.train.session import Session
 
     launch = distributed.launch_environment()
     ranks = None if launch is None else distributed.start(launch, config.device)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            session = _Session(config.replace(save_folder=folder), Path(folder), ranks)
+            session = Session(config.replace(save_folder=folder), Path(folder), ranks)
             batches = train_batches(session.train_loader)
             for _ in range(warmup):
                 session.step(*next(batches))

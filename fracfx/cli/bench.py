@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     ddp.add_argument("--iters", type=int, default=15, help="timed training steps per run (default 15)")
     ddp.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     ddp.add_argument("--repeats", type=int, default=2, help="runs of each, alternating 1, N, 1, N, ...; medians reported (default 2)")
-    ddp.add_argument("--sync-bn", action="store_true", help="time the data-parallel run with --sync_bn --sync_ranges")
+    ddp.add_argument("--sync-bn", action="store_true", help="time the data-parallel run with --sync-bn --sync-ranges")
     ddp.add_argument("--timeout", type=float, default=600.0, help="seconds before a launch is given up (default 600)")
     ddp.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run as a torchrun worker, JSON to this path
     ddp.set_defaults(func=run_ddp)

@@ -24,7 +24,6 @@ from fracfx.train.run_folder import CHECKPOINT, CONFIG, TIMING_KEY, read_metrics
 from fracfx.train.session import Session
 from fracfx.train.tasks import task_for
 
-_Session = Session  # the name fracfx/bench/timing.py imports
 
 __all__ = [
     "TrainConfig", "Plan", "plan_run", "Option", "train", "TrainResult", "load_trained", "model_from_checkpoint",
