@@ -54,8 +54,9 @@ def _op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         for cls, kind in _MODULE_KINDS.items():
-            # subclasses that override forward are opaque: we would not know what they compute
-            if isinstance(module, cls) and type(module).forward is cls.forward:
+            # a subclass that overrides forward is a leaf only when fx could not trace it (a
+            # traceable one is traced through): insert_quant calls it with its weight quantized
+            if isinstance(module, cls):
                 return kind
         if isinstance(module, _LOOKUP_MODULES):
             return None

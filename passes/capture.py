@@ -12,6 +12,10 @@ ExportedProgram, or the GraphModule its .module() returns, is accepted as it is.
 mode is baked into ATen batch_norm/dropout calls: fracfx.passes.lower_aten gives them back their
 train/eval switch.
 
+A subclass of nn.Conv1d/2d/3d or nn.Linear whose own forward cannot be traced (timm's
+Conv2dSame pads with Python arithmetic on the input size) becomes a call_module leaf without
+fallback: annotate_quant and insert_quant still quantize its input, weight and gradient.
+
 The model is deep-copied first, so nothing a later pass or training does touches the caller's
 model. A trace failure names the innermost module being traced, the source line, and the fixes;
 with fallback=True that module is kept as an opaque leaf instead, and the leaves are recorded in
@@ -37,6 +41,8 @@ from fracfx.meta import CAPTURED, MODULE_STACK, TRACE_LEAVES
 from fracfx.passes.infra import copy_graph, graph_module, graph_pass, rebuild
 
 FX, EXPORT, AUTO = "fx", "export", "auto"
+# subclasses whose own forward cannot be traced stay call_module leaves, quantized by insert_quant
+_WEIGHTED_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 _MAX_FALLBACKS = 64
 _TRACING_CODE = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
@@ -108,6 +114,9 @@ def _trace(model: nn.Module, leaf_modules: Sequence[str], concrete_args, fallbac
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as error:
             path = tracer.failed_module[0] if tracer.failed_module else ""
+            if path and isinstance(tracer.failed_module[1], _WEIGHTED_MODULES) and path not in leaves:
+                leaves.append(path)  # a conv/linear subclass (timm's Conv2dSame): a leaf that is still quantized
+                continue
             if not fallback or not path:
                 raise UnsupportedGraphError(_explain(error, tracer.failed_module)) from error
             leaves.append(path)
@@ -179,12 +188,17 @@ def _intra_op_threads(count: int):
             torch.set_num_threads(previous)
 
 
+_COMPUTE_NAMES = {"Conv1d", "Conv2d", "Conv3d", "Linear", "MultiheadAttention"}
+
+
 def _switches_on_training(m: nn.Module) -> bool:
-    """A parameter-free, childless module whose forward reads self.training (stochastic depth,
-    drop-path). Tracing through it would bake training=True into the graph, so the transformed
-    model would keep dropping paths in eval(); as a leaf, train()/eval() still switch it.
+    """A module with no weight matrix anywhere inside (stochastic depth, drop-path, timm's
+    BatchNormAct2d: a BatchNorm2d with an activation and a drop inside) whose own forward reads
+    self.training. Tracing through it would bake training=True into the graph, so the
+    transformed model would keep dropping paths, or normalise with batch statistics, in eval();
+    as a leaf, train()/eval() still switch it, and it hides no op fracfx would quantize.
     """
-    if next(m.children(), None) is not None or next(m.parameters(), None) is not None:
+    if any(p.dim() >= 2 for p in m.parameters()) or any(type(c).__name__ in _COMPUTE_NAMES or any(p.dim() >= 2 for p in c.parameters()) for c in m.modules()):
         return False
     return _forward_reads_training(type(m))
 

@@ -4,7 +4,9 @@
     matmul:       both operands -> ActQuant -> matmul -> GradQuant -> y
 
 nn.Conv/nn.Linear call_module nodes become the functional op on get_attr'd parameters, so the
-weight quantizer is a visible node and parameter names (state_dict keys) are unchanged. New
+weight quantizer is a visible node and parameter names (state_dict keys) are unchanged; a
+subclass with its own forward, kept as a leaf (timm's Conv2dSame), is called through
+torch.func.functional_call with its weight replaced by the quantized one. New
 quantizer modules live under `fracfx_quant.<op>`; each compute node records a QuantBinding.
 """
 
@@ -29,25 +31,53 @@ QUANT_ROOT = "fracfx_quant"
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _written_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+_ALIAS_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "squeeze", "unsqueeze", "expand",
+    "expand_as", "narrow", "select", "unbind", "split", "chunk", "contiguous", "t", "detach", "as_strided", "movedim",
+    "swapaxes", "unfold", "type_as", "to", "float", "__getitem__", "tensor_split", "split_with_sizes", "diagonal",
+}
+_ALIAS_FUNCTIONS = {"getitem", *_ALIAS_METHODS, "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout2d", "dropout3d"}
+_IN_PLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "imatmul", "ilshift", "irshift"}
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def _written_in_place(gm: fx.GraphModule, node: fx.Node, _seen: set | None = None) -> bool:
     """Whether a consumer of node's output may write to it in place (then GradQuant copies).
 
     Conservative: in-place modules (inplace=True), methods and functions whose name ends in "_",
-    and any call passing inplace=True or a literal True after the input count as writers.
+    in-place operators (`x += y`), any call passing inplace=True or a literal True after the
+    input, and leaf modules from outside torch.nn (their forward is not visible) count as
+    writers; through consumers that may return the value itself or a view of it (nn.Identity,
+    dropout, view/reshape/getitem and the like, ATen ops whose schema returns an alias) the
+    search goes on, since a write to an alias writes the quantizer's output too.
     """
+    seen = set() if _seen is None else _seen
     for user in node.users:
-        if user.op == "call_module":
-            if getattr(attr(gm, user.target), "inplace", False):
-                return True
+        if user in seen:
             continue
-        if isinstance(user.target, torch._ops.OpOverload):  # a torch.export graph: the schema says
+        seen.add(user)
+        aliases = False
+        if user.op == "call_module":
+            module = attr(gm, user.target)
+            if getattr(module, "inplace", False) or not type(module).__module__.startswith("torch.nn"):
+                return True
+            aliases = isinstance(module, _ALIAS_MODULES)
+        elif isinstance(user.target, torch._ops.OpOverload):  # a torch.export graph: the schema says
             if user.target._schema.is_mutable:
                 return True
-            continue
-        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-        if name.endswith("_") or user.kwargs.get("inplace") is True or any(a is True for a in user.args[1:]):
+            aliases = any(r.alias_info is not None for r in user.target._schema.returns)
+        elif user.op in ("call_function", "call_method"):
+            name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+            if name.endswith("_") or name in _IN_PLACE_OPERATORS or user.kwargs.get("inplace") is True or any(a is True for a in user.args[1:]):
+                return True
+            aliases = name in _ALIAS_FUNCTIONS
+        if aliases and _written_in_place(gm, user, seen):
             return True
     return False
+
+
+def _base_class(module: nn.Module) -> type:
+    return next(cls for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) if isinstance(module, cls))
 
 
 def _slot(node: fx.Node, index: int, name: str):
@@ -96,6 +126,11 @@ class _Inserter:
         raw_weight = self.graph.get_attr(f"{node.target}.weight") if node.op == "call_module" else _slot(node, 1, "weight")
         weight = self.add(f"{node.name}.weight", self.weight(), (raw_weight,), node, WEIGHT_QUANT)
         if node.op == "call_module":
+            module = attr(self.gm, node.target)
+            if type(module).forward is not _base_class(module).forward:  # its own forward, kept as a leaf
+                call = self.graph.call_function(torch.func.functional_call,
+                                                (self.graph.get_attr(node.target), {"weight": weight}, (act, *node.args[1:]), dict(node.kwargs)))
+                return call, [act], weight.target
             return _functional_module_call(self.gm, self.graph, node, act, weight), [act], weight.target
         args, kwargs = list(node.args), dict(node.kwargs)
         for index, key, value in ((0, "input", act), (1, "weight", weight)):

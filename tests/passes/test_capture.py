@@ -60,3 +60,25 @@ def test_trace_failure_names_the_module_or_falls_back_to_a_leaf():
 def test_refuses_what_is_not_a_module():
     with pytest.raises(UnsupportedGraphError, match="nn.Module"):
         capture_graph(ConvNet)
+
+
+def test_norm_with_a_training_branch_stays_a_leaf_so_eval_switches_it():
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward reads self.training, with an
+    activation child; traced through, train mode would be baked into the graph."""
+
+    class BatchNormAct(nn.BatchNorm2d):
+        def __init__(self, c):
+            super().__init__(c)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            mean = self.running_mean if not self.training else None
+            var = self.running_var if not self.training else None
+            return self.act(nn.functional.batch_norm(x, mean, var, self.weight, self.bias, self.training or mean is None, 0.1, self.eps))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4))
+    gm = capture_graph(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    x = torch.randn(2, 3, 5, 5)
+    model.eval(), gm.eval()
+    assert torch.equal(gm(x), model(x))

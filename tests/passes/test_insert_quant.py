@@ -1,6 +1,8 @@
 """insert_quant: quantizer nodes around every selected op; exact when the bits say FP32."""
 
 import torch
+
+import fracfx
 from torch import nn
 
 from fracfx.meta import ACT_QUANT, GRAD_QUANT, WEIGHT_QUANT, compute_nodes, get_binding, get_inserted
@@ -46,3 +48,30 @@ def test_nothing_selected_nothing_inserted():
     gm = annotate_quant(capture_graph(nn.Sequential(nn.Linear(2, 2))), keep_fp32=("*",))
     out = insert_quant(gm)
     assert roles(out) == [] and len(out.graph.nodes) == len(gm.graph.nodes)
+
+
+def test_in_place_write_behind_an_identity_or_a_view_copies_the_gradient_quantizer_output():
+    """timm's SE module: conv -> nn.Identity (no norm) -> ReLU(inplace=True); also x.view(...).relu_()
+    each writes to the quantizer's output through an alias, so GradQuant copies."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.Identity(), nn.ReLU(inplace=True)
+            self.fc, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.act(self.bn(self.conv(x))).mean((2, 3))
+            z = self.fc(y)
+            z.view(-1).relu_()
+            w = self.fc2(y)
+            w += z
+            return w
+
+    torch.manual_seed(0)
+    gm = fracfx.transform(Net(), fracfx.QuantConfig(keep_fp32=()))
+    copies = {name: m.copy_output for name, m in gm.named_modules() if isinstance(m, GradQuant)}
+    assert copies["fracfx_quant.conv.grad"] and copies["fracfx_quant.fc.grad"], copies
+    assert not copies["fracfx_quant.fc2.grad"]  # fx records `w += z` on a proxy as w = w + z: no write
+    gm(torch.randn(2, 3, 4, 4)).sum().backward()
+    assert torch.isfinite(gm.get_parameter("conv.weight").grad).all()
