@@ -19,4 +19,5 @@ def _seed_everything():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # a test that asked for more threads does not leak them into the next
     yield

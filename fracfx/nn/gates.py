@@ -74,19 +74,23 @@ class CandidateTable:
         return candidate_bitops(self.entries[index], weight_bits)
 
 
+def _relu_stack(width: int, dims: tuple[int, ...], layer) -> nn.Sequential:
+    """layer(width, dims[0]), ReLU, layer(dims[0], dims[1]), ...: the gate embeddings' MLP."""
+    layers: list[nn.Module] = []
+    for i, dim in enumerate(dims):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(layer(width, dim))
+        width = dim
+    return nn.Sequential(*layers)
+
+
 class GateEmbedding(nn.Module):
     """Global average pool, then 1x1 convs with ReLU between them: (B, C, ...) -> (B, dims[-1])."""
 
     def __init__(self, in_channels: int, dims: tuple[int, ...] = (32, 16)):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = in_channels
-        for i, dim in enumerate(dims):
-            if i:
-                layers.append(nn.ReLU())
-            layers.append(nn.Conv2d(width, dim, 1, bias=True))
-            width = dim
-        self.layers = nn.Sequential(*layers)
+        self.layers = _relu_stack(in_channels, dims, lambda width, dim: nn.Conv2d(width, dim, 1, bias=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.flatten(2).mean(2) if x.dim() > 2 else x  # dim 1 is channels
@@ -102,14 +106,7 @@ class TokenGateEmbedding(nn.Module):
 
     def __init__(self, in_features: int, dims: tuple[int, ...] = (32, 16)):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for i, dim in enumerate(dims):
-            if i:
-                layers.append(nn.ReLU())
-            layers.append(nn.Linear(width, dim))
-            width = dim
-        self.layers = nn.Sequential(*layers)
+        self.layers = _relu_stack(in_features, dims, nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.flatten(1, -2).mean(1) if x.dim() > 2 else x  # the last dim is channels

@@ -27,8 +27,8 @@ from torch import nn
 
 from fracfx.errors import ConfigError
 from fracfx.nn.gates import CandidateTable, choice_of
-from fracfx.nn.quantizers import GradQuant
-from fracfx.nn.quant import GradQuantFn, _fused_for, qmax_of, quantize, scale_of, tensor_range
+from fracfx.nn.quantizers import GradQuant, observed_range
+from fracfx.nn.quant import GradQuantFn, _fused_for, qmax_of, quantize, scale_of
 
 _NO_STATIC_BITS = (
     "a DFQ quantizer has per-sample bits, not one bit width; read the cost of a DFQ model from "
@@ -117,14 +117,7 @@ class MixedActQuant(nn.Module):
         raise ConfigError(_NO_STATIC_BITS)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            lo, rng = tensor_range(x) if self.range_sync is None else self.range_sync.tensor_range(x)
-            with torch.no_grad():
-                m = self.momentum
-                self.running_lo.mul_(m).add_(lo.to(self.running_lo.dtype), alpha=1 - m)
-                self.running_range.mul_(m).add_(rng.to(self.running_range.dtype), alpha=1 - m)
-        else:
-            lo, rng = self.running_lo, self.running_range
+        lo, rng = observed_range(self, x)
         return MixedFakeQuantFn.apply(x, mask, lo, rng, self.table.act_bits, self.candidate_qmax, self.training)
 
     def extra_repr(self) -> str:

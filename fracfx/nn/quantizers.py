@@ -46,6 +46,20 @@ class _Quantizer(nn.Module):
         return f"bits={self._bits or 'fp32'}{grid}"
 
 
+def observed_range(quantizer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (lo, R) an activation quantizer uses: in training the batch's own range (over every
+    rank with `range_sync`), also averaged into its running_lo / running_range buffers with its
+    momentum; in evaluation those running averages."""
+    if not quantizer.training:
+        return quantizer.running_lo, quantizer.running_range
+    lo, rng = tensor_range(x) if quantizer.range_sync is None else quantizer.range_sync.tensor_range(x)
+    with torch.no_grad():
+        m = quantizer.momentum
+        quantizer.running_lo.mul_(m).add_(lo.to(quantizer.running_lo.dtype), alpha=1 - m)
+        quantizer.running_range.mul_(m).add_(rng.to(quantizer.running_range.dtype), alpha=1 - m)
+    return lo, rng
+
+
 class ActQuant(_Quantizer):
     """Activation fake quant: per-tensor batch min/max in training, running ranges in eval.
 
@@ -63,21 +77,12 @@ class ActQuant(_Quantizer):
         self.register_buffer("running_range", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            lo, rng = tensor_range(x) if self.range_sync is None else self.range_sync.tensor_range(x)
-            self._track(lo, rng)
-        else:
-            lo, rng = self.running_lo, self.running_range
+        lo, rng = observed_range(self, x)
         if self._bits == FP32:
             return x
         lo, step = grid_of(lo, rng, self._bits, self.integer_zero_point)
         return FakeQuantSTE.apply(x, lo, step, qmax_of(self._bits))
 
-    @torch.no_grad()
-    def _track(self, lo: torch.Tensor, rng: torch.Tensor) -> None:
-        m = self.momentum
-        self.running_lo.mul_(m).add_(lo.to(self.running_lo.dtype), alpha=1 - m)
-        self.running_range.mul_(m).add_(rng.to(self.running_range.dtype), alpha=1 - m)
 
 
 class WeightQuant(_Quantizer):

@@ -10,15 +10,6 @@ from fracfx.nn.gates import CandidateTable, GateChoice
 from fracfx.nn.quantizers import ActQuant
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TABLE = CandidateTable(CIFAR_CANDIDATES + ("fp32", "skip"))  # a: 3 4 4 6 6 fp32 -
 CHOICES = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2, 0])
 
