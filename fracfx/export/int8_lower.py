@@ -11,7 +11,8 @@ from torch import nn
 from fracfx.export import bn_folding
 import torch
 
-from fracfx.export.int8_ops import ClipCodes, ConvIntFloat, Dequantize, Float, QConv, QLinearFloat, Quantize
+from fracfx.export.int8_float import Float
+from fracfx.export.int8_ops import ClipCodes, ConvIntFloat, Dequantize, QConv, QLinearFloat, Quantize
 from fracfx.export.int8_plan import (
     _ADD, _FLATTEN, _IDENTITY_MODULES, Codes, Val, _arg, _attr, _clamp_bounds, _module, _quantized_conv, conv_chain,
     quantize_value, target_grid, unsupported,
