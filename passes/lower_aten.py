@@ -1,6 +1,8 @@
 """lower_aten: make a torch.export (ATen-level) graph one that the other passes can work on.
 
-A no-op on symbolically traced graphs. On an exported graph (fracfx.passes.capture, mode
+On a symbolically traced graph only F.dropout(x, p, training=self.training) calls change: fx
+baked the flag (timm's GhostNet head, in the root forward, which cannot be a leaf), so they
+become nn.Dropout(p) modules that train()/eval() switch. On an exported graph (fracfx.passes.capture, mode
 "export"), each rewrite keeps the op's nn_module_stack, so module paths still name the owner:
 
     aten.addmm(bias, x, W)          W a parameter (Hugging Face Conv1D, W is (in, out)):
@@ -30,6 +32,7 @@ import math
 import torch
 import torch.fx as fx
 from torch import nn
+import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 
 from fracfx.meta import MODULE_STACK
@@ -89,6 +92,15 @@ class _Lowering:
 
     def dropout(self, node: fx.Node) -> None:
         x, p = node.args[0], node.args[1]
+        self._to_module(node, x, p)
+
+    def functional_dropout(self, node: fx.Node) -> None:
+        """F.dropout(x, p, training=self.training) traced by fx: the flag is a baked constant."""
+        a = _arguments(node)
+        if isinstance(a.get("training", True), bool) and not a.get("inplace", False) and isinstance(a.get("p", 0.5), float):
+            self._to_module(node, a["input"], a.get("p", 0.5))
+
+    def _to_module(self, node: fx.Node, x, p: float) -> None:
         with self.graph.inserting_before(node):
             self.replace(node, self.module(node, nn.Dropout(p), (x,)) if p > 0 else x)
 
@@ -112,31 +124,35 @@ class _Lowering:
         self.replace(node, linear)
 
     def attention(self, node: fx.Node) -> None:
-        a = _arguments(node)
-        if a.get("enable_gqa") or "val" not in a["query"].meta:
+        try:
+            a = _arguments(node)
+        except Exception:  # noqa: BLE001 - a call fx cannot normalise stays as it is (reported FP32)
+            return
+        if a.get("enable_gqa") or not isinstance(a.get("dropout_p", 0.0), float) or not isinstance(a.get("is_causal", False), bool):
             return
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
-        length, source, width = q.meta["val"].shape[-2], k.meta["val"].shape[-2], q.meta["val"].shape[-1]
-        scale = a.get("scale")
-        scale = 1.0 / math.sqrt(width) if scale is None else scale
         tracer = fx.proxy.GraphAppendingTracer(self.graph)
         tracer.module_stack = collections.OrderedDict(node.meta.get(MODULE_STACK) or {})
-        P = lambda n: fx.Proxy(n, tracer)
+        P = lambda n: fx.Proxy(n, tracer) if isinstance(n, fx.Node) else n
         with self.graph.inserting_before(node):
-            scores = torch.matmul(P(q), P(k).transpose(-2, -1)) * scale
-            if a.get("is_causal"):
-                keep = P(q).new_ones(length, source, dtype=torch.bool).tril()
-                scores = scores.masked_fill(keep.logical_not(), float("-inf"))
-            if mask is not None:
-                if mask.meta.get("val") is not None and mask.meta["val"].dtype == torch.bool:
-                    scores = scores.masked_fill(P(mask).logical_not(), float("-inf"))
-                else:
-                    scores = scores + P(mask)
+            scores = torch.matmul(P(q), P(k).transpose(-2, -1))
+            scores = tracer.create_proxy("call_function", _scale_and_mask, (scores, P(q), P(mask), a.get("is_causal", False), a.get("scale")), {})
             weights = torch.softmax(scores, dim=-1)
             if a.get("dropout_p", 0.0) > 0:
                 weights = P(self.module(node, nn.Dropout(a["dropout_p"]), (weights.node,)))
             out = torch.matmul(weights, P(v))
         self.replace(node, out.node)
+
+
+def _scale_and_mask(scores: torch.Tensor, query: torch.Tensor, mask, is_causal: bool, scale) -> torch.Tensor:
+    """The scaling and masking of scaled_dot_product_attention between its two products."""
+    scores = scores * (1.0 / math.sqrt(query.size(-1)) if scale is None else scale)
+    if is_causal:
+        keep = torch.ones(scores.size(-2), scores.size(-1), dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(keep.logical_not(), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores
 
 
 @graph_pass(writes=(MODULE_STACK,))
@@ -149,6 +165,7 @@ def lower_aten(gm: fx.GraphModule, /) -> fx.GraphModule:
         aten.batch_norm.default: lowering.batch_norm,
         aten.addmm.default: lowering.addmm,
         aten.scaled_dot_product_attention.default: lowering.attention,
+        F.dropout: lowering.functional_dropout,
     }
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in rules:

@@ -180,3 +180,24 @@ def test_one_error_names_both_failures_and_nothing_is_returned():
         fracfx.transform(TinyLM())
     with pytest.raises(UnsupportedGraphError, match="torch.fx could not trace"):
         fracfx.transform(TinyLM(), FP32.replace(capture="fx"), example_inputs=IDS)
+
+
+class HeadDropout(nn.Module):
+    """timm's GhostNet head: F.dropout(training=self.training) in the root forward, which fx bakes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.dropout(x, p=0.5, training=self.training))
+
+
+def test_functional_dropout_in_a_symbolic_graph_switches_with_eval():
+    model, x = HeadDropout(), torch.randn(8, 4)
+    gm = lower_aten(capture_graph(model))  # traced in train mode: training=True baked
+    assert F.dropout not in _targets(gm) and [type(m) for m in gm.modules()].count(nn.Dropout) == 1
+    gm.eval(), model.eval()
+    assert torch.equal(gm(x), model(x))
+    gm.train()
+    assert (gm.get_submodule("fracfx_lowered.dropout")(torch.ones(100)) == 0).any()
