@@ -145,8 +145,10 @@ def _plot_bits(ax, run: Run, color) -> None:
             ax.axvline(point, color=color, alpha=0.3, linewidth=1)
         return
     it = [m["iteration"] for m in run.metrics]
-    ax.step(it, [m["bits"]["act"] for m in run.metrics], where="post", color=color, label=f"{run.label} forward")
-    ax.step(it, [m["bits"]["grad"] for m in run.metrics], where="post", color=color, linestyle="--", label=f"{run.label} gradient")
+    # dfq / fractrain: the mean bits the gates ran (marked at each evaluation, so one point shows too)
+    ax.step(it, [m["bits"]["act"] for m in run.metrics], where="post", color=color, marker="o", markersize=3, label=f"{run.label} forward")
+    ax.step(it, [m["bits"]["grad"] for m in run.metrics], where="post", color=color, linestyle="--", marker="s", markersize=3,
+            label=f"{run.label} gradient")
 
 
 def _dfq_target(run: Run, until: int) -> tuple[list[int], list[float]]:
