@@ -106,7 +106,7 @@ class QuantConfig(_Config):
     final classifier in FP32, as the paper does; `keep_fp32=()` quantizes every supported op.
 
     integer_zero_point: train on the grid ONNX can express (lo = -zp * s with an integer zp, see
-    fracfx.nn.quant.integer_grid) instead of FRACTRAIN.md's real-valued lo, so that the exported
+    fracfx.nn.quant.integer_grid) instead of docs/method.md's real-valued lo, so that the exported
     model computes what was trained (export otherwise nudges lo by up to half a step).
 
     capture: how the model becomes a graph. "fx" is torch.fx symbolic tracing (module calls
@@ -173,7 +173,7 @@ def _check_positive_int(value, what: str) -> int:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DFQConfig(_Config):
     """Dynamic fractional quantization: a recurrent gate picks per sample and per block one
-    candidate precision (FRACTRAIN.md section 3).
+    candidate precision (docs/method.md section 3).
 
     candidates: each is an (act_bits, grad_bits) pair (weights use `weight_bits`; 0 in a pair
     means that tensor stays FP32), or "skip" (the block's output is its shortcut, cost 0), or

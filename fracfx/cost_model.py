@@ -1,4 +1,4 @@
-"""The cost model of FracTrain training (FRACTRAIN.md section 5): bit-ops and effective MACs.
+"""The cost model of FracTrain training (docs/method.md section 5): bit-ops and effective MACs.
 
 Per op with M MACs per sample and bits a (activation), w (weight), g (gradient), FP32 counted as
 32 bits:

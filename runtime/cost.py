@@ -1,4 +1,4 @@
-"""Training cost as it accrues, in effective MACs (FRACTRAIN.md section 5).
+"""Training cost as it accrues, in effective MACs (docs/method.md section 5).
 
 CostMeter adds, per iteration, batch_size * the model's effective MACs per sample at the bits in
 force, and the same for the two baselines: FP32 training and static 8-bit training (SBM). The

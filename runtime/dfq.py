@@ -1,4 +1,4 @@
-"""DFQ's cost term and FracTrain's moving target (FRACTRAIN.md sections 3 and 4).
+"""DFQ's cost term and FracTrain's moving target (docs/method.md sections 3 and 4).
 
 For the last forward, with B the actual batch size, m_b (B, K) block b's mask and, for each
 quantized op o in block b, M_o its MACs per sample (meta.OpCost) and w_o its weight bits:

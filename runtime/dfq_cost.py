@@ -2,7 +2,7 @@
 
 CostMeter (runtime/cost.py) prices a step at one bits assignment; under DFQ every sample picks
 its own candidate in every gated block, so DFQCostMeter prices what each sample actually ran.
-Per iteration on B samples (FRACTRAIN.md section 5, effective MACs = bit-ops / 1024):
+Per iteration on B samples (docs/method.md section 5, effective MACs = bit-ops / 1024):
 
     gated   = sum_b sum_k n_bk * sum_{o in b} M_o * (a_k*w_o + g_k*w_o + a_k*g_k) / 1024
     ungated = B * sum_{o not gated} M_o * (a_o*w_o + g_o*w_o + a_o*g_o) / 1024   (static bits;

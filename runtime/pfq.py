@@ -1,4 +1,4 @@
-"""PFQ: progressive fractional quantization (FRACTRAIN.md section 2).
+"""PFQ: progressive fractional quantization (docs/method.md section 2).
 
 A PlateauTracker decides the stage; this scheduler turns the stage into bits on the model's
 quantizers. Forward bits drive activations and weights, backward bits drive gradients.

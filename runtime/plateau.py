@@ -1,4 +1,4 @@
-"""The loss-plateau indicator of FRACTRAIN.md section 2, with no model attached.
+"""The loss-plateau indicator of docs/method.md section 2, with no model attached.
 
 `PlateauIndicator` sees one mean loss per window and decides turning points; `PlateauTracker`
 feeds it from per-iteration losses. PFQ (bits) and FracTrain (the DFQ cost target) both put

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The real-data experiment of issues 3 and 4: cifar_resnet38 on Fashion-MNIST, 3 epochs at
+# The real-data image experiment: cifar_resnet38 on Fashion-MNIST, 3 epochs at
 # batch 128, seed 0, LR 0.1 with x0.1 at 50 % and 75 % of the run, evaluated on the full 10k
 # test set once per epoch. SUBSET (default 15000) training images: the full 60k x 3 epochs x 5
 # methods is over 3 hours on 2 cores; SUBSET=60000 runs the full set (1407 iterations; use
-# WINDOW=47). Indicator window WINDOW (default 12, about iterations / 30, FRACTRAIN.md section 9),
+# WINDOW=47). Indicator window WINDOW (default 12, about iterations / 30, docs/method.md section 9),
 # CIFAR eps 0.15, decay 0.4. THREADS (default: torch's choice) torch threads per run.
 # Usage: bash scripts/experiment_fashion_mnist.sh [RUNS_DIR] [METHOD ...]
 # (default runs/fmnist, all five methods), then: fracfx report RUNS_DIR/* -o RUNS_DIR/report.png

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real-data language-model experiment of issue 6: transformer_lm (d_model 128, 2 layers,
+# The real-data language-model experiment: transformer_lm (d_model 128, 2 layers,
 # 4 heads, context 64, tied head) on the King James Bible, character level (Debian package
 # bible-kjv), ITERS (default 480) iterations at batch 32, Adam LR 1e-3 with x0.1 at 50 % and
 # 75 % of the run (after 150 iterations SGD at LR 0.1 had validation perplexity 21.8, Adam at
@@ -8,7 +8,7 @@
 # characters). Every linear and attention matmul is quantized, the tied head included
 # (--keep-fp32 with no value): with the head in FP32 its fixed cost alone (~26 % of static
 # 8-bit training at this width) would cap any saving. Indicator window WINDOW (default 16,
-# about iterations / 30, FRACTRAIN.md section 9), CIFAR eps 0.15, decay 0.4. One torch thread
+# about iterations / 30, docs/method.md section 9), CIFAR eps 0.15, decay 0.4. One torch thread
 # per run; each took 1.5-4 minutes on the 2 cores while two other trainings ran.
 # Usage: bash scripts/experiment_kjv.sh [RUNS_DIR] [METHOD ...]
 # (default runs/kjv; methods static8 fractrain pfq fp32, or dfq), then:

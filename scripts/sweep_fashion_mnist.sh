@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, item 1: the full-schedule Fashion-MNIST sweep. Every variant x every seed, two runs at a
+# The full-schedule Fashion-MNIST sweep. Every variant x every seed, two runs at a
 # time with one torch thread each (the 2-core machine), then `fracfx report RUNS_DIR` writes
 # RUNS_DIR/results.csv (one row per run), summary.csv / summary.md (mean +- std over seeds) and
 # report.png (seeds shaded).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, item 2: the KJV language-model sweep. transformer_lm (d_model 128, 2 layers, 4 heads,
+# The KJV language-model sweep. transformer_lm (d_model 128, 2 layers, 4 heads,
 # context 64, tied head quantized too: --keep-fp32 with no value) on the King James Bible,
 # character level, ITERS (default 3000) iterations at batch 32 (96,000 windows, about 1.4 epochs of
 # the 4.3M-character training split), Adam LR 1e-3 with x0.1 at 50 % and 75 % of the run, evaluated

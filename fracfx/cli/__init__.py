@@ -1,7 +1,8 @@
 """The `fracfx` command line: argparse -> config -> api. No logic of its own.
 
-Each subcommand lives in fracfx/cli/<name>.py and exposes
-`register(subparsers) -> None`, which adds its parser and sets `func(args) -> int`.
+Each subcommand lives in fracfx/cli/<name>.py (inspect, train, report, export, bench, demo) and
+exposes `register(subparsers) -> None`, which adds its parser and sets `func(args) -> int`;
+flags.py gives every command the same flag spelling (--batch-size).
 """
 
 from __future__ import annotations

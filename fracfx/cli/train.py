@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     _flag(parser, "optimizer", choices=["sgd", "adam"], help=f"sgd (FracTrain's recipes) or adam (transformers; --momentum unused) (default {d.optimizer})")
     _flag(parser, "momentum", type=float, help=f"SGD momentum (default {d.momentum})")
     _flag(parser, "weight_decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
-    _flag(parser, "window", type=int, help="iterations per indicator window (pfq, fractrain; dfq's cp trace) (default: iterations / 30, FRACTRAIN.md section 9)")
+    _flag(parser, "window", type=int, help="iterations per indicator window (pfq, fractrain; dfq's cp trace) (default: iterations / 30, docs/method.md section 9)")
     _flag(parser, "keep_fp32", nargs="*", metavar="GLOB", help="module globs, @first, @last kept in FP32; no value = quantize all (default @last)")
     add_flag(parser, "--no-stochastic-grad", dest="stochastic_grad", action="store_const", const=False, default=None,
              help="round gradients to nearest instead of stochastically (deterministic; for comparisons)")

@@ -15,7 +15,7 @@ Augmentation
 ------------
 fashion-mnist: pad 4 zero pixels on every side (zero = the black background), random 28x28 crop,
   horizontal flip with p = 0.5, then normalize (mean 0.2860, std 0.3530). 28x28, 1 channel.
-cifar10/cifar100: the same with 32x32 crops (FRACTRAIN.md section 6), per-channel normalize.
+cifar10/cifar100: the same with 32x32 crops (docs/method.md section 6), per-channel normalize.
   Read from torchvision's pickle layout under --datadir (cifar-10-batches-py/,
   cifar-100-python/); `download=True` fetches it there with torchvision first.
 imagenet: ImageFolder under --datadir/train and --datadir/val; RandomResizedCrop 224 + flip for

@@ -1,4 +1,4 @@
-"""MobileNetV2 for 32x32 inputs, as FRACTRAIN.md section 6 trains it (about 2.30M parameters).
+"""MobileNetV2 for 32x32 inputs, as docs/method.md section 6 trains it (about 2.30M parameters).
 
 Differences from the ImageNet network, as in FracTrain's reference: the stem is a stride-1 3x3
 conv with 32 channels, the second stage keeps stride 1, activations are ReLU (not ReLU6), and a

@@ -1,4 +1,4 @@
-"""CIFAR ResNets of depth 6n+2 (He et al. 2016, section 4.2), as FRACTRAIN.md section 6 trains them.
+"""CIFAR ResNets of depth 6n+2 (He et al. 2016, section 4.2), as docs/method.md section 6 trains them.
 
 Stem 3x3 conv 16 + BN + ReLU; three stages of n BasicBlocks with widths 16/32/64; stride 2 at
 the start of stages 2 and 3, where the shortcut is a 1x1 conv + BN projection (FracTrain's

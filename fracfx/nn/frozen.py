@@ -10,7 +10,7 @@ so the frozen GraphModule is the bit-level reference the exported file must repr
 `centered` set (integer arithmetic, see fracfx.passes.integer_arithmetic) they return the
 integer q - zp instead, and a FrozenAffine after the op applies the scales.
 
-The integer zero-point grid. The training quantizer (FRACTRAIN.md section 1) uses the grid
+The integer zero-point grid. The training quantizer (docs/method.md section 1) uses the grid
 lo + k * s with a real-valued lo; DequantizeLinear needs lo = -zp * s with an integer zp.
 `integer_grid` moves lo to the nearest point of that form (the TensorFlow / PyTorch observer
 "nudge"): the step s is kept exactly, so only the grid's offset moves, by at most s / 2. A range

@@ -1,4 +1,4 @@
-"""The DFQ gate network (FRACTRAIN.md section 3) as the nn.Modules insert_gates puts in the graph.
+"""The DFQ gate network (docs/method.md section 3) as the nn.Modules insert_gates puts in the graph.
 
 Per gated block i, in depth order:
 

@@ -1,4 +1,4 @@
-"""The FracTrain quantizer (FRACTRAIN.md section 1) as plain functions and autograd functions.
+"""The FracTrain quantizer (docs/method.md section 1) as plain functions and autograd functions.
 
 fake_quant:   s = max(R / (2^b - 1), 1e-8); q = round(clamp((x - lo) / s, 0, 2^b - 1)); q * s + lo
 stochastic:   the same with uniform noise u in [-0.5, 0.5) added to (x - lo) / s before clamping.
@@ -92,7 +92,7 @@ def integer_grid(lo: torch.Tensor, rng: torch.Tensor, bits: int) -> tuple[torch.
 
 
 def grid_of(lo: torch.Tensor, rng: torch.Tensor, bits: int, integer_zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, s) of the grid the training quantizer uses: FRACTRAIN.md's real-valued lo, or the
+    """(lo, s) of the grid the training quantizer uses: docs/method.md's real-valued lo, or the
     integer zero-point grid that ONNX export reproduces exactly (QuantConfig.integer_zero_point)."""
     if not integer_zero_point:
         return lo, scale_of(rng, qmax_of(bits))

@@ -17,7 +17,7 @@ accuracy (train_acc, test_acc). --train-subset/--test-subset keep the first N wi
 
 Precision: an LM has no stem, its first compute op is the query projection inside the first
 gated block, so with --keep-fp32 unset every method keeps only the head (@last) in FP32
-(DFQConfig's default would also keep blocks.0.attn.query there; FRACTRAIN.md section 1).
+(DFQConfig's default would also keep blocks.0.attn.query there; docs/method.md section 1).
 
 A task's interface: metric, build_loaders (fracfx.data.build_loaders's arguments),
 dataset_info, float_model, example_input, add_metrics (task entries of a metrics line),

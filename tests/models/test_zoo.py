@@ -36,7 +36,7 @@ def _params(model: nn.Module) -> int:
 
 @pytest.mark.parametrize(
     "name, expected",
-    # FRACTRAIN.md section 6 (0.565M, 1.150M, about 2.30M); ResNet-20 with projection shortcuts
+    # docs/method.md section 6 (0.565M, 1.150M, about 2.30M); ResNet-20 with projection shortcuts
     [("cifar_resnet8", 78_000), ("cifar_resnet14", 175_000), ("cifar_resnet38", 565_000), ("cifar_resnet74", 1_150_000), ("cifar_mobilenet_v2", 2_300_000), ("cifar_resnet20", 272_000)],
 )
 def test_parameter_counts_match_the_paper_within_2_percent(name, expected):

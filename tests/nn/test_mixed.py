@@ -15,7 +15,7 @@ CHOICES = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2, 0])
 
 
 def fq(x, lo, rng, bits):
-    """FRACTRAIN.md section 1, nearest rounding, written independently of fracfx.nn.quant."""
+    """docs/method.md section 1, nearest rounding, written independently of fracfx.nn.quant."""
     qmax = 2**bits - 1
     s = torch.clamp(rng / qmax, min=1e-8)
     return torch.round(torch.clamp((x - lo) / s, 0, qmax)) * s + lo

@@ -1,4 +1,4 @@
-"""The quantizer against an independent NumPy restatement of FRACTRAIN.md section 1."""
+"""The quantizer against an independent NumPy restatement of docs/method.md section 1."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ BITS = (3, 4, 6, 8)
 
 
 def reference_fq(x, lo, rng, bits, noise=None):
-    """FRACTRAIN.md section 1, written again in NumPy float32 (round half to even)."""
+    """docs/method.md section 1, written again in NumPy float32 (round half to even)."""
     x = np.asarray(x, dtype=np.float32)
     lo = np.asarray(lo, dtype=np.float32)
     qmax = np.float32(2**bits - 1)

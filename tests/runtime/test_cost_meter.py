@@ -1,4 +1,4 @@
-"""CostMeter and pfq_cost_fraction against hand-computed effective MACs (FRACTRAIN.md section 5)."""
+"""CostMeter and pfq_cost_fraction against hand-computed effective MACs (docs/method.md section 5)."""
 
 import json
 
@@ -92,7 +92,7 @@ def test_needs_example_inputs_and_a_batch_size():
 
 def test_pfq_cost_fraction_matches_the_papers_percentages():
     assert pfq_cost_fraction(3, 6) == (9 + 18 + 18) / 3072
-    assert pfq_cost_fraction(8, 8) == 0.0625  # static 8/8/8: 6.25 % (FRACTRAIN.md section 3)
+    assert pfq_cost_fraction(8, 8) == 0.0625  # static 8/8/8: 6.25 % (docs/method.md section 3)
     assert round(100 * pfq_cost_fraction(8, 16), 2) == 10.42  # FW8/BW16
     assert pfq_cost_fraction(0, None) == 1.0  # FP32 counts as 32 bits
     with pytest.raises(ConfigError):

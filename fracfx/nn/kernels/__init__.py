@@ -3,7 +3,7 @@
     torch.ops.fracfx.minmax(x) -> (lo, hi)                       per-tensor range, one pass
     torch.ops.fracfx.row_minmax(x, rows) -> (lo, hi)             per-row ranges (channels, samples)
     torch.ops.fracfx.fake_quant(x, lo, s, qmax, row_qmax, counter, seed)
-                                                 FRACTRAIN.md fq per tensor or per row; with a
+                                                 docs/method.md fq per tensor or per row; with a
                                                  counter, Philox stochastic rounding (philox.py)
     torch.ops.fracfx.rounding_noise(numel, counter, seed)   the noise alone (tests)
     torch.ops.fracfx.mixed_act_dots(x, g, lo, scales, qmaxes, clamp)

@@ -1,4 +1,4 @@
-"""dfq: dynamic fractional quantization (FRACTRAIN.md section 3).
+"""dfq: dynamic fractional quantization (docs/method.md section 3).
 
     fracfx train --method dfq --weight-bits 4 --target-ratio 3 --save-folder runs/dfq
 
@@ -73,7 +73,7 @@ def dfq_options(target_ratio: float, target_help: str) -> tuple[Option, ...]:
     """The options of a DFQ-steered method; FracTrain starts from a lower set-point."""
     return (
         Option("target_ratio", float, target_ratio, target_help, check=_check_ratio),
-        Option("beta", float, 1e-3, "strength of the DFQ cost term (FRACTRAIN.md section 3)", check=_check_ratio),
+        Option("beta", float, 1e-3, "strength of the DFQ cost term (docs/method.md section 3)", check=_check_ratio),
         Option("candidates", str, DEFAULT_CANDIDATES, "gate candidates: comma-separated A:G bit pairs, 'skip', 'fp32'", check=_check_candidates),
         Option("relax", float, 0.0, "cp band around the set-point where the cost term's sign is 0", check=_check_ratio),
         Option("error_gain", float, 0.0, "scale the cost term's sign by 1 + error_gain * |cp - set-point| (cp in %): the gates "

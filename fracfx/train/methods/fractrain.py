@@ -1,4 +1,4 @@
-"""fractrain: FracTrain = the DFQ recipe + a FracTrainScheduler (FRACTRAIN.md section 4).
+"""fractrain: FracTrain = the DFQ recipe + a FracTrainScheduler (docs/method.md section 4).
 
     fracfx train --method fractrain --weight-bits 4 --target-ratio 1.5 --target-ratio-step 0.5 --save-folder runs/fractrain
 

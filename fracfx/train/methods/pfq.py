@@ -1,4 +1,4 @@
-"""pfq: progressive fractional quantization (FRACTRAIN.md section 2).
+"""pfq: progressive fractional quantization (docs/method.md section 2).
 
 Forward and gradient bits follow --num-bits-schedule / --num-grad-bits-schedule, one stage at a
 time; the PFQ plateau indicator (fracfx.runtime.PFQScheduler) moves to the next stage.
