@@ -19,7 +19,7 @@ from fracfx.bits import check_bits, cost_bits
 from fracfx.cost_model import FP32_BITOPS, Totals, step_bitops
 from fracfx.errors import ConfigError
 from fracfx.nn.quantizers import QUANTIZER_TYPES
-from fracfx.runtime.plateau import STATE_VERSION
+from fracfx.runtime.plateau import STATE_VERSION, check_state
 
 
 def pfq_cost_fraction(fw_bits: int, bw_bits: int) -> float:
@@ -108,8 +108,7 @@ class CostMeter(Meter):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "cost_meter" or state.get("version") != STATE_VERSION:
-            raise ConfigError("not a CostMeter state; pass the dict that CostMeter.state_dict() returned")
+        check_state(state, "cost_meter", "CostMeter")
         if state.get("macs_per_sample") != self.macs_per_sample:
             raise ConfigError(
                 f"CostMeter state was recorded on a model with {state.get('macs_per_sample')} MACs per sample, "

@@ -37,7 +37,7 @@ from fracfx.config import FP32_CANDIDATE, SKIP
 from fracfx.errors import ConfigError
 from fracfx.nn.gates import FP32_BITOPS, GateChoice, choice_of
 from fracfx.meta import get_binding, get_block, get_inserted, get_op_cost
-from fracfx.runtime.plateau import STATE_VERSION, PlateauIndicator, PlateauTracker, _check_settings
+from fracfx.runtime.plateau import STATE_VERSION, PlateauIndicator, PlateauTracker, check_state
 
 
 class _Block:
@@ -242,9 +242,7 @@ class DFQController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "dfq" or state.get("version") != STATE_VERSION:
-            raise ConfigError("not a DFQController state; pass the dict that DFQController.state_dict() returned")
-        _check_settings(state, self._settings(), "DFQController")
+        check_state(state, "dfq", "DFQController", self._settings())
         if float(state.get("error_gain", 0.0)) != self.error_gain:
             raise ConfigError(
                 f"DFQController state was saved with error_gain={state.get('error_gain', 0.0)!r} but this one has "
@@ -311,9 +309,7 @@ class FracTrainScheduler:
         return {"version": STATE_VERSION, "kind": "fractrain", **self._settings(), "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "fractrain" or state.get("version") != STATE_VERSION:
-            raise ConfigError("not a FracTrainScheduler state; pass the dict that FracTrainScheduler.state_dict() returned")
-        _check_settings(state, self._settings(), "FracTrainScheduler")
+        check_state(state, "fractrain", "FracTrainScheduler", self._settings())
         self.tracker.load_state_dict(state["tracker"])
         self.controller.target_ratio = self.target_ratio
 

@@ -38,7 +38,7 @@ from fracfx.errors import ConfigError
 from fracfx.meta import GATE_EMBED, GATE_HEAD, GATE_STEP, get_binding, get_block, get_inserted
 from fracfx.nn.gates import choice_of
 from fracfx.runtime.dfq import DFQController
-from fracfx.runtime.plateau import STATE_VERSION
+from fracfx.runtime.plateau import STATE_VERSION, check_state
 
 GATE_MODULE_ROLES = (GATE_EMBED, GATE_STEP, GATE_HEAD)  # the gate's modules that compute (MACs)
 
@@ -155,8 +155,7 @@ class DFQCostMeter(Meter):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "dfq_cost_meter" or state.get("version") != STATE_VERSION:
-            raise ConfigError("not a DFQCostMeter state; pass the dict that DFQCostMeter.state_dict() returned")
+        check_state(state, "dfq_cost_meter", "DFQCostMeter")
         blocks = [b.name for b in self.controller.blocks]
         if state.get("macs_per_sample") != self.macs_per_sample or state.get("blocks") != blocks:
             raise ConfigError(

@@ -22,7 +22,7 @@ from fracfx.bits import MAX_BITS, check_bits
 from fracfx.errors import ConfigError
 from fracfx.nn.precision import set_bits
 from fracfx.nn.quantizers import QUANTIZER_TYPES
-from fracfx.runtime.plateau import STATE_VERSION, PlateauIndicator, PlateauTracker, _check_settings
+from fracfx.runtime.plateau import STATE_VERSION, PlateauIndicator, PlateauTracker, check_state
 
 
 def _check_schedule(schedule, what: str, length: int | None) -> tuple[int, ...]:
@@ -132,9 +132,7 @@ class PFQScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the schedule position and put the restored stage's bits on the model."""
-        if not isinstance(state, dict) or state.get("kind") != "pfq" or state.get("version") != STATE_VERSION:
-            raise ConfigError("not a PFQScheduler state; pass the dict that PFQScheduler.state_dict() returned")
-        _check_settings(state, self._settings(), "PFQScheduler")
+        check_state(state, "pfq", "PFQScheduler", self._settings())
         self.tracker.load_state_dict(state["tracker"])
         self._apply_bits()
 

@@ -39,6 +39,15 @@ def _check_int(value, what: str, minimum: int, fix: str) -> int:
     return value
 
 
+def check_state(state, kind: str, owner: str, settings: dict | None = None) -> None:
+    """Refuse a state_dict that is not `owner`'s (a dict of this `kind` and STATE_VERSION) or was
+    saved with other settings than `settings` (resuming would silently change the run)."""
+    if not isinstance(state, dict) or state.get("kind") != kind or state.get("version") != STATE_VERSION:
+        raise ConfigError(f"not a {owner} state; pass the dict that {owner}.state_dict() returned")
+    if settings:
+        _check_settings(state, settings, owner)
+
+
 def _check_settings(saved: dict, expected: dict, owner: str) -> None:
     """Resuming with different settings would silently change the schedule: refuse it."""
     for key, value in expected.items():
