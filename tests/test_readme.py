@@ -24,3 +24,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert report.verify is not None and report.verify.ok, "\n".join(report.lines())
     printed = capsys.readouterr().out
     assert "act_quant" in printed or "ActQuant" in printed or "quant" in printed  # print(qm.graph) shows the quantizer nodes
+
+
+def test_readme_hugging_face_example_runs(capsys):
+    import pytest
+
+    pytest.importorskip("transformers", reason="the Hugging Face example needs the hf extra: pip install -e '.[hf]'")
+    block = next(b for b in python_blocks() if "from transformers import" in b)
+    exec(compile(block, str(README), "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "export" and "lm_head" in printed
