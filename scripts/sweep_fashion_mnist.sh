@@ -50,20 +50,5 @@ args_of() {
         *) echo "unknown variant $1 (fp32 static8 pfq dfq fractrain fractrain_gain)" >&2; return 2 ;;
     esac
 }
-for variant in "${variants[@]}"; do args_of "$variant" >/dev/null; done  # refuse a typo before starting anything
 echo "sweep: $arch, $subset images, $iters iterations ($epochs epochs), window $window, seeds ${seeds[*]}, $jobs at a time -> $out"
-mkdir -p "$out"
-failed=0
-for seed in "${seeds[@]}"; do
-    for variant in "${variants[@]}"; do
-        while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=1; done
-        mkdir -p "$out/$variant"
-        # shellcheck disable=SC2046
-        ( run_once "$out/$variant/seed$seed" "${common[@]}" --seed "$seed" $(args_of "$variant") \
-              > "$out/$variant/seed$seed.log" 2>&1 \
-          && echo "$variant seed $seed: finished" || { echo "$variant seed $seed: FAILED (see $out/$variant/seed$seed.log)"; exit 1; } ) &
-    done
-done
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
-fracfx report "$out"
-[ "$failed" -eq 0 ] || { echo "some runs failed; start the script again to resume them" >&2; exit 1; }
+run_sweep "$out" "$jobs"
