@@ -23,6 +23,7 @@ import math
 import os
 import re
 import statistics
+import sys
 from pathlib import Path
 
 from fracfx.errors import FracfxError
@@ -240,8 +241,22 @@ def plot_sweep(runs: list[Run], output: str | os.PathLike) -> Path:
 
 
 def report_sweep(folder: str | os.PathLike, output: str | os.PathLike | None = None) -> dict[str, Path]:
-    """find_runs + write_results + plot_sweep; files go into `folder` (the PNG to `output` if given)."""
-    runs = [load_run(p) for p in find_runs(folder)]
+    """find_runs + write_results + plot_sweep; files go into `folder` (the PNG to `output` if given).
+
+    A sweep still running has folders whose metrics.jsonl is empty (no evaluation yet): those are
+    left out with a note on stderr, so the finished runs can be reported while the rest train.
+    """
+    runs, waiting = [], []
+    for path in find_runs(folder):
+        if not (path / METRICS).read_text(encoding="utf-8").strip():
+            waiting.append(path)
+            continue
+        runs.append(load_run(path))
+    if waiting:
+        print(f"fracfx report: left out {len(waiting)} run(s) with no evaluation yet: " + ", ".join(str(p) for p in waiting),
+              file=sys.stderr)
+    if not runs:
+        raise FracfxError(f"no run under {folder} has reached its first evaluation yet; report again later")
     paths = write_results(runs, folder)
     paths["png"] = plot_sweep(runs, output or Path(folder) / REPORT_PNG)
     return paths

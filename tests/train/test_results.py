@@ -82,3 +82,26 @@ def test_summary_json_holds_seed_and_stage_cp(sweep):
     summary = json.loads((sweep / "fractrain" / "seed0" / "summary.json").read_text())
     assert summary["seed"] == 0 and set(summary["stage_cp"]) == {"0", "1"}
     assert summary["stage_cp"]["0"]["target"] == 1.5 and summary["stage_cp"]["0"]["iterations"] == 5
+
+
+@needs_fashion
+def test_a_run_without_an_evaluation_yet_is_left_out_with_a_note(sweep, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep / "static8", copy / "static8")
+    (copy / "dfq" / "seed0").mkdir(parents=True)
+    (copy / "dfq" / "seed0" / "metrics.jsonl").write_text("")  # started, not yet evaluated
+    paths = report_sweep(copy)
+    rows = list(csv.DictReader(paths["results"].open()))
+    assert [r["variant"] for r in rows] == ["static8", "static8"]
+    assert "left out 1 run(s) with no evaluation yet" in capsys.readouterr().err
+
+
+def test_a_sweep_with_no_evaluation_at_all_says_so(tmp_path):
+    from fracfx.errors import FracfxError
+
+    (tmp_path / "pfq" / "seed0").mkdir(parents=True)
+    (tmp_path / "pfq" / "seed0" / "metrics.jsonl").write_text("")
+    with pytest.raises(FracfxError, match="no run under .* has reached its first evaluation"):
+        report_sweep(tmp_path)
