@@ -171,9 +171,16 @@ def start(launch: Launch, device: str, *, timeout_s: float = 1800.0) -> RankCont
     return RankContext(launch.rank, launch.world_size, launch.local_rank, target, backend, None, launch.restart_count)
 
 
-def stop(ranks: RankContext | None) -> None:
-    """Leave the process group (no-op for a single-process run)."""
+def stop(ranks: RankContext | None, *, finished: bool = False) -> None:
+    """Leave the process group (no-op for a single-process run).
+
+    After a finished run every rank first waits for the others: a rank that tears gloo down
+    while a peer is still writing the run's files can abort in gloo's shutdown ("terminate called
+    without an active exception"). After a failure there is no barrier (a dead peer never comes).
+    """
     if ranks is not None and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

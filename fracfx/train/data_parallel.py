@@ -40,7 +40,7 @@ class ProcessGroup:
 
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-        distributed.stop(self.ranks)
+        distributed.stop(self.ranks, finished=error is None)
         if self.ranks is None or error is None or not isinstance(error, Exception):
             return False
         terminated = isinstance(error, distributed.Terminated)
