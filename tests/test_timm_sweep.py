@@ -7,19 +7,17 @@ by fracfx.fp32_report with a reason. Inputs are small (batch 2) to keep the swee
 Set FRACFX_TEST_THREADS to choose torch's thread count.
 """
 
-import gc
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[test,timm]'")
 
 import fracfx  # noqa: E402
 from fracfx.meta import compute_nodes, get_quant_spec  # noqa: E402
 from fracfx.nn.quantizers import GradQuant  # noqa: E402
+from tests.sweep_checks import _is_covered, _threads, _weight_modules  # noqa: F401 (_threads: autouse fixture)
 
 # name -> (input side, create_model kwargs); families: CNNs, mobile nets with SE and in-place
 # activations, tf_ "SAME"-padded models (Conv2dSame), ViT/DeiT/Swin/LeViT/ConvNeXt/PoolFormer, hybrids
@@ -45,23 +43,6 @@ MODELS = {
     "mobilevit_xxs": (64, {}), "edgenext_xx_small": (64, {}),
     "coat_lite_tiny": (32, {"img_size": 32}),
 }
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("FRACFX_TEST_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
-    gc.collect()
-
-
-def _weight_modules(model: nn.Module) -> list[str]:
-    return [path for path, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-
-
-def _is_covered(path: str, owners: set[str]) -> bool:
-    return any(path == owner or path.startswith(owner + ".") for owner in owners)
 
 
 def check_model(name: str) -> list[tuple[str, str]]:

@@ -10,8 +10,6 @@ a fast subset runs by default. Inputs are the smallest each model accepts, batch
 Set FRACFX_TEST_THREADS to choose torch's thread count.
 """
 
-import gc
-import os
 import re
 
 import pytest
@@ -24,6 +22,7 @@ import fracfx
 from fracfx.meta import compute_nodes, get_quant_spec
 from fracfx.models import build_model
 from fracfx.nn.quantizers import GradQuant
+from tests.sweep_checks import _is_covered, _threads, _weight_modules  # noqa: F401 (_threads: autouse fixture)
 
 ALL_MODELS = torchvision.models.list_models(module=torchvision.models)
 FAST_MODELS = ("resnet18", "mobilenet_v2", "vit_b_16", "googlenet", "squeezenet1_0", "swin_t")
@@ -44,23 +43,6 @@ def sweep_case(name: str) -> tuple[int, dict]:
     if vit:  # ViT is built for one image size; 2x2 patches is the smallest sensible one
         return 2 * int(vit.group(1)), {}
     return SMALLEST_INPUT.get(name, DEFAULT_INPUT), CONSTRUCTOR_KWARGS.get(name, {})
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("FRACFX_TEST_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
-    gc.collect()
-
-
-def _weight_modules(model: nn.Module) -> list[str]:
-    return [path for path, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-
-
-def _is_covered(path: str, owners: set[str]) -> bool:
-    return any(path == owner or path.startswith(owner + ".") for owner in owners)
 
 
 def check_model(name: str) -> None:
