@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fracfx.data.sampler import EpochBatchSampler
+from fracfx.data.sampler import EpochBatchSampler, rank_shard
 from fracfx.seeding import mix_seed
 from fracfx.errors import ConfigError, FracfxError
 
@@ -248,18 +248,24 @@ def build_text_loaders(
     eval_split: str = "valid",
     eval_batch_size: int | None = None,
     corpus: TextCorpus | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader, TextInfo]:
     """(train_loader, eval_loader, info), shaped like fracfx.data.build_loaders's result.
 
     The training loader's batch_sampler is an EpochBatchSampler (iterate with
     fracfx.data.train_batches); eval_split picks "valid" or "test" for the evaluation loader.
-    Pass `corpus` to reuse one already loaded.
+    Pass `corpus` to reuse one already loaded. With world_size > 1 both loaders hold this
+    rank's share, as the image loaders do: windows rank, rank + world_size, ... of every global
+    batch of batch_size windows, and of the evaluation windows (info describes the whole split).
     """
     corpus = load_corpus(name, datadir=datadir) if corpus is None else corpus
     train = TokenWindows(corpus.train, context, keyed=True, seed=seed)
     evaluation = TokenWindows(corpus.split(eval_split), context)
-    sampler = EpochBatchSampler(len(train), batch_size, seed=seed)
-    train_loader = DataLoader(train, batch_sampler=sampler)
-    eval_loader = DataLoader(evaluation, batch_size=eval_batch_size or batch_size, shuffle=False)
+    sampler = EpochBatchSampler(len(train), batch_size, seed=seed, rank=rank, world_size=world_size)
+    # its own generator: creating an iterator draws a base seed, and drawing it from the global
+    # generator would make a resumed run's random streams differ from an uninterrupted run's
+    train_loader = DataLoader(train, batch_sampler=sampler, generator=torch.Generator().manual_seed(mix_seed(seed, 0x5EED)))
+    eval_loader = DataLoader(rank_shard(evaluation, rank, world_size), batch_size=eval_batch_size or batch_size, shuffle=False)
     info = TextInfo(corpus.name, corpus.level, corpus.vocab_size, context, len(corpus.train), len(corpus.split(eval_split)), eval_split)
     return train_loader, eval_loader, info

@@ -163,11 +163,9 @@ class LanguageModelTask:
         """(train_loader, valid_loader, TextInfo); windows are cut in the main process (`workers` is not used)."""
         from fracfx.data.text import build_text_loaders
 
-        if world_size != 1:
-            raise ConfigError("data-parallel training of a language model is not supported yet; run `fracfx train` in one process")
         return build_text_loaders(
             name, corpus=self._corpus(name, datadir, train_subset, test_subset), batch_size=batch_size, context=self.context,
-            seed=seed, eval_split="valid", eval_batch_size=test_batch_size or max(batch_size, 256),
+            seed=seed, eval_split="valid", eval_batch_size=test_batch_size or max(batch_size, 256), rank=rank, world_size=world_size,
         )
 
     def dataset_info(self) -> dict[str, Any]:
