@@ -139,7 +139,7 @@ def _export(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None
         )
     try:
         with _intra_op_threads(1):  # capture is dispatch-bound; a thread pool per tiny op only costs
-            program = torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), strict=False)
+            program = _export_batch_dynamic(model, tuple(args), dict(kwargs or {}))
     except Exception as error:
         reason = str(error).strip().splitlines()
         reason = reason[0] if reason else ""
@@ -150,6 +150,26 @@ def _export(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None
             "avoid data-dependent Python control flow (torch.cond), or capture it yourself and pass the ExportedProgram"
         ) from error
     return _from_exported(program.module())
+
+
+def _batch_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """torch.export's dynamic_shapes, by argument name: dim 0 (the batch) of every input tensor is
+    Dim.AUTO (dynamic unless the model ties it to a constant; then torch.export specialises it)."""
+    from torch.export import Dim
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    batch = lambda leaf: {0: Dim.AUTO} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None  # noqa: E731
+    return {name: torch.utils._pytree.tree_map(batch, value) for name, value in bound.arguments.items()}
+
+
+def _export_batch_dynamic(model: nn.Module, args: tuple, kwargs: dict):
+    """torch.export with a dynamic batch, so the captured model (and its ONNX export) runs at any
+    batch size; a model that torch.export cannot capture that way is captured at the example shapes."""
+    try:
+        shapes = _batch_dynamic_shapes(model, args, kwargs)
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception:  # e.g. *args/**kwargs in forward, or a guard torch.export cannot express
+        return torch.export.export(model, args, kwargs=kwargs, strict=False)
 
 
 def _is_exported(gm: fx.GraphModule) -> bool:

@@ -109,17 +109,51 @@ def _freeze_weight(ctx: _Freezing, node: fx.Node):
     bits, source = ctx.bits_for(node, module, 1), node.args[0]
     if bits == FP32:
         return source
-    if not isinstance(source, fx.Node) or source.op != "get_attr":
+    weight = _constant_value(ctx.gm, source) if isinstance(source, fx.Node) else None
+    if weight is None:
         raise ExportError(
-            f"node {node.name} quantizes a weight computed in the graph ({source}), not a parameter; "
-            "freeze needs a constant weight: compute it once into an nn.Parameter before transform()"
+            f"node {node.name} quantizes a weight computed in the graph from the model's inputs ({source}), not from "
+            "parameters; freeze needs a constant weight: compute it once into an nn.Parameter before transform()"
         )
-    weight = attr(ctx.gm, source.target).detach()
+    weight = weight.detach()
     axis = getattr(module, "axis", 0)
     lo, rng = channel_range(weight, axis)
     scale, zero_point = ctx.grid(node, meta.WEIGHT_QUANT, bits, lo, rng)
     codes = quantize_codes(weight.float(), scale, zero_point, bits)
     return ctx.replace_with(node, FrozenWeight(bits, codes, scale, zero_point, axis), ())
+
+
+PURE_OPS = ("call_function", "call_method", "get_attr")
+
+
+def _constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The value of `node` if it is computed from parameters and buffers alone (a get_attr, or e.g.
+    the query slice of nn.MultiheadAttention's packed in_proj_weight, or a tied head's transpose);
+    None when an input or a module call feeds it. Evaluated once, in graph order."""
+    needed: list[fx.Node] = []
+    pending, seen = [node], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op not in PURE_OPS:
+            return None
+        needed.append(current)
+        pending.extend(current.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    values: dict[fx.Node, object] = {}
+    with torch.no_grad():
+        for current in sorted(needed, key=order.__getitem__):
+            args, kwargs = fx.node.map_arg((current.args, current.kwargs), values.__getitem__)
+            if current.op == "get_attr":
+                values[current] = attr(gm, current.target)
+            elif current.op == "call_method":
+                values[current] = getattr(args[0], current.target)(*args[1:], **kwargs)
+            else:
+                values[current] = current.target(*args, **kwargs)
+    value = values[node]
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _strip(ctx: _Freezing, node: fx.Node):

@@ -88,3 +88,40 @@ def test_dfq_gates_every_transformer_layer_and_trains(name):
     loss = getattr(dm(**inputs), key).float().pow(2).mean() + dfq.cost_loss()
     loss.backward()
     assert math.isfinite(loss.item()) and _finite_grads(dm)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_captured_at_batch_two_runs_at_any_batch(name):
+    torch.manual_seed(0)
+    model, inputs, key = MODELS[name]()
+    model.eval()
+    qm = fracfx.transform(model, FP32, example_inputs=inputs).eval()
+    five = {k: torch.cat([v, v, v])[:5] for k, v in inputs.items()}
+    out, ref = getattr(qm(**five), key), getattr(model(**five), key)
+    assert out.shape[0] == 5
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exports_to_onnx_and_verifies_at_both_levels(name, tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model, inputs, key = MODELS[name]()
+    qm = fracfx.transform(model, fracfx.QuantConfig(), example_inputs=inputs)
+    qm.train()
+    with torch.no_grad():
+        for _ in range(3):
+            qm(**inputs)
+    qm.eval()
+    report = fracfx.export_onnx(qm, tmp_path / "m.onnx", inputs, format="int8", verify=True)  # 64 seeded inputs, batch 64
+    assert report.verify.ok, report.lines()
+    assert all(level.top1_agreement >= 0.999 for level in report.verify.levels)
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(inputs) and session.get_outputs()[0].name == key
+    seven = {k: torch.cat([v] * 4)[:7] for k, v in inputs.items()}
+    got = session.run(None, {k: v.numpy() for k, v in seven.items()})[0]
+    with torch.no_grad():
+        want = getattr(fracfx.freeze(qm)(**seven), key).numpy()
+    assert got.shape == want.shape and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.999

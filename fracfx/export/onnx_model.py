@@ -28,6 +28,8 @@ from onnx import version_converter
 from torch import nn
 
 from fracfx.errors import ExportError
+from fracfx.export.flat_io import input_names, positional
+from fracfx.export.flat_io import output_names as flat_output_names
 from fracfx.export.qdq import DOMAIN, lower_markers, strip_markers
 from fracfx.meta import is_frozen
 from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
@@ -72,16 +74,15 @@ def marker_view(frozen: fx.GraphModule) -> fx.GraphModule:
     ])
 
 
-def _names(prefix: str, count: int) -> list[str]:
-    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
-
-
-def torch_export(view: nn.Module, example_inputs: Sequence[torch.Tensor], opset: int) -> onnx.ModelProto:
-    """torch.onnx.export of `view` to an in-memory ModelProto, batch axis dynamic."""
+def torch_export(frozen: fx.GraphModule, example_inputs: Sequence[torch.Tensor], opset: int) -> onnx.ModelProto:
+    """torch.onnx.export of the marker view of `frozen` to an in-memory ModelProto, batch axis
+    dynamic; a model with keyword inputs or a dataclass output is exported flat, its inputs and
+    outputs named after the keywords and fields (fracfx.export.flat_io)."""
+    view = marker_view(positional(frozen))
     with torch.no_grad():
         outputs = view(*example_inputs)
     n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
-    inputs, output_names = _names("input", len(example_inputs)), _names("output", n_out)
+    inputs, output_names = input_names(frozen, len(example_inputs)), flat_output_names(frozen, n_out)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -130,16 +131,29 @@ def export_onnx_model(frozen: fx.GraphModule, example_inputs: Sequence[torch.Ten
     opset = resolve_opset(fmt, opset)
     check_format(frozen, fmt)
     try:
-        model = torch_export(marker_view(frozen), example_inputs, opset)
+        model = torch_export(frozen, example_inputs, opset)
     except Exception as error:
         raise ExportError(explain_failure(frozen, error)) from error
     model = lower_markers(model, frozen_quantizers(frozen), fmt=fmt)
+    _forget_traced_shapes(model)
     onnx.checker.check_model(model)
     return model
 
 
+def _forget_traced_shapes(model: onnx.ModelProto) -> None:
+    """Drop the intermediate shapes torch.onnx recorded from the example inputs.
+
+    The marker ops carry the traced shape of their output, batch included (e.g. [2, 4, 16, 8]
+    for an attention matmul's operand). onnxruntime trusts value_info: it constant-folds Shape
+    nodes reading such a value into the example's batch, and a later Reshape then fails at any
+    other batch size. Without value_info, onnxruntime infers shapes from the inputs' own
+    (dynamic) shapes.
+    """
+    del model.graph.value_info[:]
+
+
 def export_float_model(frozen: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, opset: int = 17) -> onnx.ModelProto:
     """The same network with every quantizer removed (FP32 weights): the latency baseline."""
-    model = strip_markers(torch_export(marker_view(frozen), example_inputs, opset))
+    model = strip_markers(torch_export(frozen, example_inputs, opset))
     onnx.checker.check_model(model)
     return model
