@@ -190,6 +190,16 @@ def _band(ax, xs, series, color, label, scale=1.0):
         ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color=color, alpha=0.2, linewidth=0)
 
 
+def _cp_trace(run: Run) -> list:
+    """[iteration, cp, set-point] per indicator window over the whole run: each metrics line holds
+    the windows since the evaluation before it."""
+    trace = []
+    for record in run.metrics:
+        part = (record.get("method_state") or {}).get("cp_trace") or []
+        trace += json.loads(part) if isinstance(part, str) else part
+    return trace
+
+
 def plot_sweep(runs: list[Run], output: str | os.PathLike) -> Path:
     """Per variant: training loss, score, cumulative cost vs static 8-bit, and (dfq/fractrain) cp vs
     set-point per indicator window; mean over seeds with the seeds' range shaded."""
@@ -213,10 +223,10 @@ def plot_sweep(runs: list[Run], output: str | os.PathLike) -> Path:
         _band(ax_score, xs, [[m[score.key] for m in r.metrics] for r in members], color, name)
         _band(ax_cost, xs, [[m["cost_vs_sbm"] for m in r.metrics] for r in members], color, name, scale=100.0)
         if members[0].config.get("method") in DFQ_METHODS:
-            traces = [(r.metrics[-1].get("method_state") or {}).get("cp_trace") or [] for r in members]
-            traces = [json.loads(t) if isinstance(t, str) else t for t in traces]
-            traces = [t for t in traces if t]
-            if traces:
+            traces = [t for t in (_cp_trace(r) for r in members) if t]
+            length = min((len(t) for t in traces), default=0)
+            traces = [t[:length] for t in traces]  # seeds of one variant share the windows; trim a shorter (resumed) trace
+            if length:
                 any_cp = True
                 _band(ax_cp, [p[0] for p in traces[0]], [[p[1] for p in t] for t in traces], color, f"{name} cp")
                 ax_cp.plot([p[0] for p in traces[0]], [p[2] for p in traces[0]], color=color, linestyle="--", alpha=0.7, drawstyle="steps-mid",
@@ -240,23 +250,31 @@ def plot_sweep(runs: list[Run], output: str | os.PathLike) -> Path:
     return output
 
 
-def report_sweep(folder: str | os.PathLike, output: str | os.PathLike | None = None) -> dict[str, Path]:
-    """find_runs + write_results + plot_sweep; files go into `folder` (the PNG to `output` if given).
+def load_sweep(folder: str | os.PathLike) -> list[Run]:
+    """The finished runs under `folder` (those with a summary.json).
 
-    A sweep still running has folders whose metrics.jsonl is empty (no evaluation yet): those are
-    left out with a note on stderr, so the finished runs can be reported while the rest train.
+    A sweep still running has runs that have not evaluated yet (an empty metrics.jsonl) and runs
+    part way through their schedule: both are left out with a note on stderr, so the table only
+    ever compares whole runs while the rest train.
     """
-    runs, waiting = [], []
+    runs, waiting, training = [], [], []
     for path in find_runs(folder):
         if not (path / METRICS).read_text(encoding="utf-8").strip():
             waiting.append(path)
             continue
-        runs.append(load_run(path))
-    if waiting:
-        print(f"fracfx report: left out {len(waiting)} run(s) with no evaluation yet: " + ", ".join(str(p) for p in waiting),
-              file=sys.stderr)
+        run = load_run(path)
+        (runs if run.summary is not None else training).append(run if run.summary is not None else path)
+    for paths, why in ((waiting, "with no evaluation yet"), (training, "still training (no summary.json)")):
+        if paths:
+            print(f"fracfx report: left out {len(paths)} run(s) {why}: " + ", ".join(str(p) for p in paths), file=sys.stderr)
     if not runs:
-        raise FracfxError(f"no run under {folder} has reached its first evaluation yet; report again later")
+        raise FracfxError(f"no run under {folder} has finished yet (reached its first evaluation: {len(training)}); report again later")
+    return runs
+
+
+def report_sweep(folder: str | os.PathLike, output: str | os.PathLike | None = None) -> dict[str, Path]:
+    """load_sweep + write_results + plot_sweep; files go into `folder` (the PNG to `output` if given)."""
+    runs = load_sweep(folder)
     paths = write_results(runs, folder)
     paths["png"] = plot_sweep(runs, output or Path(folder) / REPORT_PNG)
     return paths
