@@ -13,13 +13,14 @@
 # variant: window = iterations / 30 (rounded down, at least 1), eps = 0.15, decay = 0.4 after the
 # first and second turning point, N = 3 (FracTrain's CIFAR settings; docs/method.md sections 2, 9).
 #
-# Variants: fp32, static8 (8/8/8), pfq (FW 3,4,6,8 / BW 6,6,8,8), dfq (w 4, cp set-point 3),
-# fractrain (w 4, set-point 1.5 + 0.5 per turning point: the paper's rule, beta 1e-3), and
-# fractrain_gain (the same with --error-gain GAIN, default 20: the cost term's sign scaled by
-# 1 + 20 |cp - set-point|, so the gates follow a raised set-point).
+# Variants (args_of in run_once.sh): fp32, static8 (8/8/8), pfq (FW 3,4,6,8 / BW 6,6,8,8), dfq
+# (w 4, cp set-point 3), fractrain (w 4, set-point 1.5 + 0.5 per turning point: the paper's rule,
+# beta 1e-3), fractrain_gain (the same with --error-gain GAIN, default 20: the cost term's sign
+# scaled by 1 + 20 |cp - set-point|) and fractrain_raise (--raise-gain GAIN: scaled only below
+# the set-point, so the gates follow a raised set-point; runtime/dfq.py says why the first does not).
 #
 # Usage: bash scripts/sweep_fashion_mnist.sh [RUNS_DIR] [VARIANT ...]
-#        (default runs/fmnist_sweep, all six variants; seeds SEEDS="0 1 2"; JOBS=2 runs at a time)
+#        (default runs/fmnist_sweep, all seven variants; seeds SEEDS="0 1 2"; JOBS=2 runs at a time)
 # Runs land in RUNS_DIR/VARIANT/seedN (log: RUNS_DIR/VARIANT/seedN.log). Start the script again
 # after a stop: finished runs (summary.json) are skipped, killed ones resume from their checkpoint.
 # Smoke test: SUBSET=512 EPOCHS=1 TEST_SUBSET=256 SEEDS="0 1" bash scripts/sweep_fashion_mnist.sh /tmp/smoke
@@ -27,7 +28,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/run_once.sh"
 out=${1:-runs/fmnist_sweep}; shift || true
-variants=("$@"); [ ${#variants[@]} -gt 0 ] || variants=(static8 fractrain fractrain_gain pfq dfq fp32)
+variants=("$@"); [ ${#variants[@]} -gt 0 ] || variants=(static8 fractrain fractrain_gain pfq dfq fp32 fractrain_raise)
 arch=${ARCH:-cifar_resnet8}
 subset=${SUBSET:-60000}
 epochs=${EPOCHS:-4}
@@ -39,16 +40,5 @@ common=(--arch "$arch" --dataset fashion-mnist --iters "$iters" --batch-size 128
         --threads "${THREADS:-1}" --no-progress --log-every 50)
 [ -n "${TEST_SUBSET:-}" ] && common+=(--test-subset "$TEST_SUBSET")
 plateau=(--window "$window" --initial-threshold 0.15 --decay 0.4 --num-turning-point 3)
-args_of() {
-    case $1 in
-        fp32)           echo --method fp32 ;;
-        static8)        echo --method static --act-bits 8 --weight-bits 8 --grad-bits 8 ;;
-        pfq)            echo --method pfq --num-bits-schedule 3 4 6 8 --num-grad-bits-schedule 6 6 8 8 "${plateau[@]}" ;;
-        dfq)            echo --method dfq --weight-bits 4 --target-ratio 3 ;;
-        fractrain)      echo --method fractrain --weight-bits 4 --target-ratio 1.5 --target-ratio-step 0.5 "${plateau[@]}" ;;
-        fractrain_gain) echo --method fractrain --weight-bits 4 --target-ratio 1.5 --target-ratio-step 0.5 --error-gain "${GAIN:-20}" "${plateau[@]}" ;;
-        *) echo "unknown variant $1 (fp32 static8 pfq dfq fractrain fractrain_gain)" >&2; return 2 ;;
-    esac
-}
 echo "sweep: $arch, $subset images, $iters iterations ($epochs epochs), window $window, seeds ${seeds[*]}, $jobs at a time -> $out"
 run_sweep "$out" "$jobs"

@@ -218,6 +218,48 @@ def test_error_gain_follows_a_set_point_step_within_the_first_tenth():
     assert abs(sum(fast[10:]) / 90 - 3.0) < 0.25 and sum(paper[10:]) / 90 < 2.5
 
 
+def _two_stage_response(**gains) -> list[float]:
+    """The toy above from a uniform gate, as FracTrain runs it: 100 iterations at a set-point below
+    the cheapest candidate (1.5 < 1.758: unreachable), then 100 at a raised one (3.0)."""
+    from fracfx.models.cifar_resnet import cifar_resnet8
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    gm = fracfx.transform(cifar_resnet8(), fracfx.DFQConfig(), example_inputs=x[:2])
+    for parameter in gm.parameters():
+        parameter.requires_grad_(False)
+    head = gm.get_submodule("fracfx_gate.head")
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    head.bias.requires_grad_(True)
+    controller = DFQController(gm, target_ratio=1.5, **gains)
+    optimizer = torch.optim.SGD([head.bias], lr=100.0)
+    cps = []
+    for iteration in range(200):
+        if iteration == 100:
+            controller.target_ratio = 3.0
+        gm(x)
+        loss = controller.cost_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        cps.append(controller.last_cp)
+    return cps
+
+
+def test_raise_gain_follows_a_raised_set_point_after_an_unreachable_one():
+    """error_gain multiplies the push towards the cheapest candidate for the whole unreachable
+    first stage and the saturated gate then lags the raised set-point (as in the Fashion-MNIST
+    sweep); raise_gain amplifies only the pull upwards and reaches it within the first tenth."""
+    paper, error, raised = _two_stage_response(), _two_stage_response(error_gain=20.0), _two_stage_response(raise_gain=20.0)
+    for cps in (paper, error, raised):
+        assert cps[99] == pytest.approx(1.7578125, abs=1e-3)  # stage 0 ends on the cheapest candidate
+    assert max(paper[100:110]) < 1.8 and max(error[100:110]) < 1.8
+    assert max(raised[100:110]) >= 2.5
+    assert abs(sum(raised[110:]) / 90 - 3.0) < 0.5 and sum(paper[110:]) / 90 < 2.0
+
+
 def test_error_gain_scales_the_cost_term_and_is_checked_on_resume(resnet):
     _, gm = resnet
     force(gm, 4)  # a6g12: cp 4.6875
@@ -234,3 +276,9 @@ def test_error_gain_scales_the_cost_term_and_is_checked_on_resume(resnet):
         DFQController(gm, target_ratio=3.0, error_gain=1.0).load_state_dict(state)
     with pytest.raises(ConfigError, match="error_gain"):
         DFQController(gm, target_ratio=3.0, error_gain=-1.0)
+    below = DFQController(gm, target_ratio=6.0, raise_gain=2.0)  # cp 4.6875 < 6: scaled
+    assert float(below.cost_loss()) / float(DFQController(gm, target_ratio=6.0).cost_loss()) == pytest.approx(1 + 2.0 * (6.0 - 4.6875), rel=1e-5)
+    above = DFQController(gm, target_ratio=3.0, raise_gain=2.0)  # cp above the set-point: the paper's term
+    assert float(above.cost_loss()) == pytest.approx(float(plain.cost_loss()), rel=1e-6)
+    with pytest.raises(ConfigError, match="raise_gain"):
+        DFQController(gm, target_ratio=3.0).load_state_dict(json.loads(json.dumps(above.state_dict())))

@@ -78,6 +78,9 @@ def dfq_options(target_ratio: float, target_help: str) -> tuple[Option, ...]:
         Option("relax", float, 0.0, "cp band around the set-point where the cost term's sign is 0", check=_check_ratio),
         Option("error_gain", float, 0.0, "scale the cost term's sign by 1 + error_gain * |cp - set-point| (cp in %): the gates "
                "follow a raised set-point faster; 0 = the paper's rule", check=_check_ratio),
+        Option("raise_gain", float, 0.0, "below the set-point only, scale the cost term's sign by 1 + raise_gain * (set-point - cp): "
+               "the gates follow a raised set-point faster, an unreachable low one pushes as in the paper; 0 = the paper's rule",
+               check=_check_ratio),
     ) + bit_options("ungated ops' ", weight_default=4)
 
 
@@ -98,7 +101,7 @@ def dfq_recipe(model, example_input, context: BuildContext, *, scheduler=None) -
     seed_rounding(gm, c.seed)
     controller = DFQController(gm, target_ratio=context.option("target_ratio"), beta=context.option("beta"),
                                relax=context.option("relax"), reduce=context.ranks,
-                               error_gain=context.option("error_gain"))
+                               error_gain=context.option("error_gain"), raise_gain=context.option("raise_gain"))
     frac = None if scheduler is None else scheduler(controller)
     usage = DFQUsage(controller, window=context.plan.window, reduce=context.ranks, **({} if frac is None else {"stage": lambda: frac.stage}))
     meter = DFQCostMeter(gm, controller)

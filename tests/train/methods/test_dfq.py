@@ -66,7 +66,7 @@ def test_options_defaults_and_validation():
     dfq, frac = TrainConfig(method="dfq"), TrainConfig(method="fractrain")
     assert dfq.options["weight_bits"] == frac.options["weight_bits"] == 4  # the methods' default weight precision
     assert TrainConfig(method="static").options["weight_bits"] == 8 and TrainConfig(method="dfq", weight_bits=6).options["weight_bits"] == 6
-    assert dfq.options == {"target_ratio": 3.0, "beta": 1e-3, "candidates": "3:6,4:6,4:8,6:8,6:12", "relax": 0.0, "error_gain": 0.0,
+    assert dfq.options == {"target_ratio": 3.0, "beta": 1e-3, "candidates": "3:6,4:6,4:8,6:8,6:12", "relax": 0.0, "error_gain": 0.0, "raise_gain": 0.0,
                            "act_bits": 8, "weight_bits": 4, "grad_bits": 8}
     assert frac.options["target_ratio"] == 1.5 and frac.options["target_ratio_step"] == 0.5 and frac.options["num_turning_point"] == 3
     assert parse_candidates(" 3:6, 4:8,SKIP,fp32") == ((3, 6), (4, 8), "skip", "fp32")
