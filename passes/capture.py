@@ -154,11 +154,12 @@ def _export(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None
 
 def _batch_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """torch.export's dynamic_shapes, by argument name: dim 0 (the batch) of every input tensor is
-    Dim.AUTO (dynamic unless the model ties it to a constant; then torch.export specialises it)."""
+    Dim.AUTO (dynamic unless the model ties it to a constant; then torch.export specialises it).
+    An example batch of 1 stays static: torch.export specialises sizes 0 and 1 anyway."""
     from torch.export import Dim
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    batch = lambda leaf: {0: Dim.AUTO} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None  # noqa: E731
+    batch = lambda leaf: {0: Dim.AUTO} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] > 1 else None  # noqa: E731
     return {name: torch.utils._pytree.tree_map(batch, value) for name, value in bound.arguments.items()}
 
 
