@@ -27,5 +27,9 @@ class ExportError(FracfxError):
     """The model cannot be exported in the requested format."""
 
 
+class FormatError(ExportError):
+    """An op of the model has no form in the chosen (fast) format; another format can write it."""
+
+
 class DistributedError(FracfxError):
     """A multi-process (torchrun) run is misconfigured, or lost a rank; the message says how to resume."""

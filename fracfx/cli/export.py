@@ -24,8 +24,9 @@ def register(subparsers) -> None:
     add_flag(p, "--bits", default=None, help="A,W: activation and weight bits (overrides --act-bits/--weight-bits)")
     add_flag(p, "--act-bits", type=int, default=None, help="activation bits (default 8 for a model name, as trained for a checkpoint)")
     add_flag(p, "--weight-bits", type=int, default=None, help="weight bits (default 8 for a model name, as trained for a checkpoint)")
-    add_flag(p, "--format", choices=("int8-fast", "int8-fast-vnni", "int8-fast-faithful", "int8", "int4"), default="int8-fast",
-             help="int8-fast (default, for deploying): onnxruntime's integer kernels, BatchNorm folded, correct on any CPU; "
+    add_flag(p, "--format", choices=("auto", "int8-fast", "int8-fast-vnni", "int8-fast-faithful", "int8", "int4"), default="auto",
+             help="auto (default, for deploying): int8-fast where it can express every op, else int8 (transformers), saying why; "
+                  "int8-fast: onnxruntime's integer kernels, BatchNorm folded, correct on any CPU; "
                   "int8-fast-vnni: full int8 weight range, for CPUs with VNNI or ARM dot product; int8-fast-faithful: no "
                   "rounding the trained model lacks (ConvInteger on residual branches), slower; int8: exact QDQ (float convs "
                   "on integer codes, matches the frozen model to 1e-4), opset 17; int4: exact, packed uint4 weights, opset 21")

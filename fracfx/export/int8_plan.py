@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fracfx.errors import ExportError
+from fracfx.errors import ExportError, FormatError
 from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
 
 _ADD = (operator.add, torch.add, operator.iadd)
@@ -65,7 +65,7 @@ def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def unsupported(gm, node, why: str = "") -> ExportError:
-    return ExportError(
+    return FormatError(
         f"format 'int8-fast' cannot express {_op_name(gm, node)} (node {node.name}, module {module_path(node)})"
         f"{': ' + why if why else ''}; export this model with format='int8' (exact QDQ, any op torch.onnx exports), "
         "which writes it with the op in float"

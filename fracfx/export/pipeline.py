@@ -167,6 +167,7 @@ class ExportReport:
     freeze_deviation: Deviation | None = None
     verify: object | None = None  # fracfx.export.verify.VerifyReport
     latency: object | None = None  # fracfx.export.verify.LatencyReport
+    note: str | None = None  # why format "auto" chose this format
 
     def lines(self) -> list[str]:
         """Human-readable summary (the CLI prints it)."""
@@ -174,6 +175,7 @@ class ExportReport:
         weights = [q for q in self.quantizers if q.role == WEIGHT_QUANT]
         bits = sorted({(q.role[0], q.bits) for q in self.quantizers})
         out = [
+            *([] if self.note is None else [self.note]),
             f"wrote {self.path}: {self.file_bytes / 1e6:.3f} MB, format {self.format}, opset {self.opset}",
             f"quantizers: {len(acts)} activation, {len(weights)} weight; bits {', '.join(f'{r}{b}' for r, b in bits)}",
             "zero-point grid: lo moved by at most "
@@ -222,8 +224,19 @@ def export_onnx(
     ORT_ENABLE_ALL) against the frozen model on `verify_inputs` (batch first; default: 64 seeded
     N(0, 1) samples shaped like example_inputs). latency=True times it against its FP32 twin.
     arithmetic is used only when gm is frozen here (see freeze). format "int8" / "int4" is the exact
-    QDQ form; "int8-fast" / "int8-fast-vnni" run on onnxruntime's integer kernels (fracfx.export.fast_int8).
+    QDQ form; "int8-fast" / "int8-fast-vnni" run on onnxruntime's integer kernels (fracfx.export.fast_int8);
+    "auto" (the CLI's default) is int8-fast where that format can express every op, else int8
+    (transformers: onnxruntime fuses its linears into MatMulIntegerToFloat), and report.note says why.
     """
+    if format == "auto":
+        from fracfx.errors import FormatError
+
+        try:
+            return export_onnx(gm, path, example_inputs, format="int8-fast", verify=verify, verify_inputs=verify_inputs, latency=latency)
+        except FormatError as error:  # an op the fast format has no form for (e.g. LayerNorm): the exact format writes it
+            report = export_onnx(gm, path, example_inputs, format="int8", opset=opset, verify=verify, verify_inputs=verify_inputs,
+                                 latency=latency, arithmetic=arithmetic)
+            return dataclasses.replace(report, note=f"format auto: int8 (exact QDQ), since {error}")
     if format.startswith("int8-fast"):
         from fracfx.export.fast_int8 import export_fast
 

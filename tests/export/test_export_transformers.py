@@ -148,3 +148,15 @@ def test_torchvision_vit_b_16_exports(tmp_path):
     report = fracfx.export_onnx(qm, tmp_path / "vit.onnx", (x,), format="int8", verify=True, verify_inputs=(inputs,))
     assert report.verify.ok, report.lines()
     assert all(level.top1_agreement == 1.0 for level in report.verify.levels)
+
+
+def test_auto_format_is_fast_for_a_cnn_and_exact_for_a_transformer(tmp_path):
+    torch.manual_seed(0)
+    lm = _trained(MODELS["transformer_lm"][0]().eval(), torch.randint(0, 40, (2, 16)))
+    report = fracfx.export_onnx(lm, tmp_path / "lm.onnx", (torch.randint(0, 40, (2, 16)),), format="auto")
+    assert report.format == "int8" and report.note.startswith("format auto: int8 (exact QDQ), since format 'int8-fast' cannot express")
+    assert report.lines()[0] == report.note
+
+    cnn = _trained(build_model("cifar_resnet8", num_classes=10).eval(), torch.randn(2, 3, 32, 32))
+    fast = fracfx.export_onnx(cnn, tmp_path / "cnn.onnx", (torch.randn(2, 3, 32, 32),), format="auto")
+    assert fast.format == "int8-fast"
