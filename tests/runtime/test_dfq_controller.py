@@ -179,10 +179,10 @@ def test_errors_say_what_to_do():
         DFQController(gm, target_ratio=float("nan"))
 
 
-def _step_response(error_gain: float, iterations: int = 100) -> list[float]:
+def _gate_toy(bias: list[float], set_points: list[float], **gains) -> list[float]:
     """A controlled toy: ResNet-8's gates with only the shared head's bias trainable (every sample
-    gets the same softmax, so cp is one candidate's cost), settled on the cheapest candidate
-    (1.758 %) when the set-point steps to 3.0; plain SGD at lr 100 on the cost term alone."""
+    gets the same softmax, so cp is one candidate's cost; the cheapest is 1.758 %), plain SGD at
+    lr 100 on the cost term alone, one iteration per entry of set_points; the cp of each."""
     from fracfx.models.cifar_resnet import cifar_resnet8
 
     torch.manual_seed(0)
@@ -193,12 +193,13 @@ def _step_response(error_gain: float, iterations: int = 100) -> list[float]:
     head = gm.get_submodule("fracfx_gate.head")
     with torch.no_grad():
         head.weight.zero_()
-        head.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0]))
+        head.bias.copy_(torch.tensor(bias))
     head.bias.requires_grad_(True)
-    controller = DFQController(gm, target_ratio=3.0, error_gain=error_gain)
+    controller = DFQController(gm, target_ratio=set_points[0], **gains)
     optimizer = torch.optim.SGD([head.bias], lr=100.0)
     cps = []
-    for _ in range(iterations):
+    for target in set_points:
+        controller.target_ratio = target
         gm(x)
         loss = controller.cost_loss()
         optimizer.zero_grad()
@@ -206,6 +207,11 @@ def _step_response(error_gain: float, iterations: int = 100) -> list[float]:
         optimizer.step()
         cps.append(controller.last_cp)
     return cps
+
+
+def _step_response(error_gain: float) -> list[float]:
+    """Settled on the cheapest candidate when the set-point steps to 3.0 for 100 iterations."""
+    return _gate_toy([2.0, 0.0, 0.0, 0.0, 0.0], [3.0] * 100, error_gain=error_gain)
 
 
 def test_error_gain_follows_a_set_point_step_within_the_first_tenth():
@@ -219,33 +225,9 @@ def test_error_gain_follows_a_set_point_step_within_the_first_tenth():
 
 
 def _two_stage_response(**gains) -> list[float]:
-    """The toy above from a uniform gate, as FracTrain runs it: 100 iterations at a set-point below
-    the cheapest candidate (1.5 < 1.758: unreachable), then 100 at a raised one (3.0)."""
-    from fracfx.models.cifar_resnet import cifar_resnet8
-
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 8, 8)
-    gm = fracfx.transform(cifar_resnet8(), fracfx.DFQConfig(), example_inputs=x[:2])
-    for parameter in gm.parameters():
-        parameter.requires_grad_(False)
-    head = gm.get_submodule("fracfx_gate.head")
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-    head.bias.requires_grad_(True)
-    controller = DFQController(gm, target_ratio=1.5, **gains)
-    optimizer = torch.optim.SGD([head.bias], lr=100.0)
-    cps = []
-    for iteration in range(200):
-        if iteration == 100:
-            controller.target_ratio = 3.0
-        gm(x)
-        loss = controller.cost_loss()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        cps.append(controller.last_cp)
-    return cps
+    """From a uniform gate, as FracTrain runs it: 100 iterations at a set-point below the cheapest
+    candidate (1.5 < 1.758: unreachable), then 100 at a raised one (3.0)."""
+    return _gate_toy([0.0] * 5, [1.5] * 100 + [3.0] * 100, **gains)
 
 
 def test_raise_gain_follows_a_raised_set_point_after_an_unreachable_one():
