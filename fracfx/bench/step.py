@@ -35,6 +35,7 @@ class StepReport:
     compile_seconds: dict[str, float]
     quantizer_share: float | None  # fraction of the static step's time inside quantizers
     fused_kernels: bool
+    compile_mode: str = "fuse"  # fracfx.nn.quant.compile_mode the compiled runs were traced with
 
     def timing(self, name: str) -> Timing:
         return next(t for t in self.timings if t.name == name)
@@ -97,14 +98,25 @@ def quantizer_share(model: nn.Module, step: Callable[[], None], steps: int = 3) 
 
 def run_step_benchmark(arch: str = "cifar_resnet38", batch_size: int = 128, input_size: int = 32, in_channels: int = 3,
                        bits: tuple[int, int, int] = (8, 8, 8), keep_fp32: tuple[str, ...] = ("@last",), runs: tuple[str, ...] = RUNS,
-                       repeats: int = 7, profile_steps: int = 3, log: Callable[[str], None] = lambda _: None) -> StepReport:
-    import fracfx
-    from fracfx.models import build_model
-    from fracfx.nn.quant import fused_kernels_enabled
+                       repeats: int = 7, profile_steps: int = 3, log: Callable[[str], None] = lambda _: None,
+                       compile_mode: str | None = None) -> StepReport:
+    """`compile_mode` (fracfx.nn.quant.COMPILE_MODES; None keeps the current one) is what torch.compile
+    traces for the quantizers of the compiled runs, set for this call only."""
+    from fracfx.nn import quant
 
     unknown = set(runs) - set(RUNS)
     if unknown:
         raise ValueError(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
+    with quant.compiled_as(compile_mode):
+        return _measure(arch, batch_size, input_size, in_channels, bits, keep_fp32, runs, repeats, profile_steps, log)
+
+
+def _measure(arch, batch_size, input_size, in_channels, bits, keep_fp32, runs, repeats, profile_steps, log) -> StepReport:
+    import fracfx
+    from fracfx.models import build_model
+    from fracfx.nn import quant
+    from fracfx.nn.quant import fused_kernels_enabled
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     float_model = build_model(arch, in_channels=in_channels).to(device)
@@ -154,4 +166,4 @@ def run_step_benchmark(arch: str = "cifar_resnet38", batch_size: int = 128, inpu
         log("profiling the quantized step ...")
         share = quantizer_share(models["static"][0], steps[static_name], profile_steps)
     return StepReport(arch, batch_size, torch.get_num_threads(), str(device), repeats, bits, tuple(timings), baselines, compile_seconds, share,
-                      fused_kernels_enabled())
+                      fused_kernels_enabled(), quant.compile_mode)

@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     step.add_argument("--profile-steps", type=int, default=3, help="steps profiled for the quantizers' share of the step (0: skip)")
     step.add_argument("--repeats", type=int, default=7)
     step.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    step.add_argument("--compile-quant", choices=("fuse", "formula", "ops"), default=None,  # fracfx.nn.quant.COMPILE_MODES
+                      help="what torch.compile traces for the quantizers of the *-compiled runs (fracfx.nn.quant.compile_mode, "
+                           "docs/kernels.md): fuse (default) tensor formulas + one fused op for stochastic rounding; formula: all "
+                           "tensor formulas, noise materialised; ops: the opaque fused C++ ops, as before issue 12")
     step.set_defaults(func=run_step)
     trans = sub.add_parser("transform", help="median wall time of fracfx.transform on a model")
     trans.add_argument("--arch", default="resnet50")
@@ -70,8 +74,11 @@ def run_step(args) -> int:
     console = Console()
     report = run_step_benchmark(arch=args.arch, batch_size=args.batch_size, input_size=args.input_size, in_channels=args.in_channels,
                                 bits=_parse_bits(args.bits), keep_fp32=tuple(args.keep_fp32), runs=runs, repeats=args.repeats,
-                                profile_steps=args.profile_steps, log=lambda line: console.print(f"[dim]{line}[/dim]"))
+                                profile_steps=args.profile_steps, log=lambda line: console.print(f"[dim]{line}[/dim]"),
+                                compile_mode=args.compile_quant)
     kernels = "fused C++ quantizer kernels" if report.fused_kernels else "eager torch quantizers (fused kernels unavailable)"
+    if report.compile_seconds:
+        kernels += f", compiled quantizers: {report.compile_mode}"
     table = Table(title=f"training step, {report.arch}, batch {report.batch_size}, {report.device}, {report.threads} threads, "
                         f"{report.repeats} interleaved rounds, {kernels}")
     for col in ("run", "median s", "min s", "max s", "vs", "ratio of medians", "median paired ratio"):

@@ -13,9 +13,15 @@ other devices and dtypes, and the fallback where the kernels cannot be built (a 
 once). The rounding noise is counter based (Philox4x32-10, fracfx/nn/kernels/philox.py): a pure
 function of (seed, counter, element index), so it does not depend on threads, chunking or device,
 and a checkpoint restores it with the counter. docs/kernels.md has the design.
+
+Under torch.compile the deterministic quantizers are traced as the eager formulas (so inductor
+fuses them with the BatchNorm/ReLU around them) and the stochastic one as a single fused op, per
+`compile_mode` below; the values stay the eager ones bit for bit (docs/kernels.md, "torch.compile").
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -25,6 +31,33 @@ from fracfx.nn.kernels import philox
 MIN_SCALE = 1e-8
 _NOISE_STEPS = philox.NOISE_STEPS  # rounding noise has 16-bit resolution (see rounding_noise)
 _fused: bool | None = None  # kernels.available(), read once (kept out of torch.compile's trace)
+
+# What torch.compile traces for the quantizers (docs/kernels.md, "torch.compile"):
+#   "fuse"     (default) the deterministic quantizers (ranges, activation and weight fake quant) as
+#              the eager torch formulas, which inductor fuses with the BatchNorm/ReLU/add around
+#              them; the stochastic gradient quantizer as one fracfx::fake_quant call (its Philox
+#              noise generated inside, in whatever memory layout inductor chose), its range as an
+#              aminmax that inductor fuses into the kernel producing the gradient
+#   "formula"  everything as tensor formulas, the noise materialised by fracfx::rounding_noise
+#   "ops"      the fused C++ ops as opaque calls, as in eager mode (the only form before issue 12)
+# Every form computes the eager values bit for bit. Read at trace time (dynamo guards on it, so
+# changing it recompiles).
+COMPILE_MODES = ("fuse", "formula", "ops")
+compile_mode = "fuse"
+
+
+@contextlib.contextmanager
+def compiled_as(mode: str | None):
+    """Set compile_mode inside the block (None: leave it), for models compiled and run there."""
+    global compile_mode
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
+    previous = compile_mode
+    compile_mode = mode or previous
+    try:
+        yield
+    finally:
+        compile_mode = previous
 
 
 def fused_kernels_enabled() -> bool:
@@ -37,6 +70,11 @@ def fused_kernels_enabled() -> bool:
 
 def _fused_for(x: torch.Tensor) -> bool:
     return (_fused if _fused is not None else fused_kernels_enabled()) and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def _traced_formula() -> bool:
+    """True while torch.compile traces and compile_mode asks for the tensor formulas."""
+    return compile_mode != "ops" and torch.compiler.is_compiling()
 
 
 def qmax_of(bits: int) -> int:
@@ -100,6 +138,27 @@ def grid_of(lo: torch.Tensor, rng: torch.Tensor, bits: int, integer_zero_point: 
     return -(zero_point.to(scale.dtype) * scale), scale
 
 
+@torch.library.custom_op("fracfx::counter_snapshot", mutates_args=())
+def _counter_snapshot(counter: torch.Tensor) -> torch.Tensor:
+    return counter.clone()
+
+
+@_counter_snapshot.register_fake
+def _(counter):
+    return torch.empty_like(counter)
+
+
+def counter_snapshot(counter: torch.Tensor) -> torch.Tensor:
+    """A copy of a noise counter buffer that is about to be advanced, for the backward to read.
+
+    Under torch.compile (inductor) a plain `counter.clone()` is recomputed in the backward from
+    the buffer, after the forward advanced it (torch 2.14's partitioner treats the clone of a
+    mutated graph input as free to recompute): the backward then drew the noise of counter + 1.
+    An opaque op is never recomputed, so its output is saved. Eager mode clones directly.
+    """
+    return _counter_snapshot(counter) if torch.compiler.is_compiling() else counter.clone()
+
+
 def rounding_noise(shape, counter: torch.Tensor, seed: int) -> torch.Tensor:
     """Uniform noise in (-0.5, 0.5) for stochastic rounding: Philox4x32-10 of (seed, counter, index).
 
@@ -124,6 +183,10 @@ def quantize(x: torch.Tensor, lo: torch.Tensor, s: torch.Tensor, qmax, counter: 
     """
     rows = x.shape[0] if x.dim() else 1
     row_qmax = qmax if isinstance(qmax, torch.Tensor) else None
+    if row_qmax is None and _traced_formula() and (counter is None or compile_mode == "formula" or not _fused_for(x)):
+        # under torch.compile: the formula itself, so inductor fuses it with its neighbours (the
+        # noise, if any, from the Philox op: one write, read back inside the fused kernel)
+        return fake_quant_scaled(x, lo, s, qmax, None if counter is None else rounding_noise(x.shape, counter, seed).to(x.device))
     if _fused_for(x) and all(_rowwise(t, rows) for t in (lo, s) + ((row_qmax,) if row_qmax is not None else ())):
         return torch.ops.fracfx.fake_quant(x, lo.reshape(-1), s.reshape(-1), 0.0 if row_qmax is not None else float(qmax),
                                            None if row_qmax is None else row_qmax.reshape(-1).float(), counter, seed)
@@ -151,12 +214,12 @@ def _per_row(t: torch.Tensor, bshape) -> torch.Tensor:
 def tensor_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor (lo, R) = (min, max - min), detached."""
     x = x.detach()
-    lo, hi = torch.ops.fracfx.minmax(x) if _fused_for(x) and x.numel() else torch.aminmax(x)
+    lo, hi = torch.ops.fracfx.minmax(x) if _fused_for(x) and x.numel() and not _traced_formula() else torch.aminmax(x)
     return lo, hi - lo
 
 
 def _row_min_max(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _fused_for(rows) and rows.numel():
+    if _fused_for(rows) and rows.numel() and not _traced_formula():
         return torch.ops.fracfx.row_minmax(rows, rows.shape[0])
     # amin + amax: torch.aminmax(dim=1) is ~50x slower on CPU for (batch, features) shapes
     return rows.amin(dim=1), rows.amax(dim=1)
@@ -182,6 +245,35 @@ class FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None, None, None
+
+
+class _TracedActSTE(torch.autograd.Function):
+    """FakeQuantSTE of an activation as torch.compile traces it: a backward that reads x.
+
+    grad * (x * 0 + 1) is grad bit for bit wherever x is finite (x * 0 is +-0, plus 1 is exactly
+    1); a non-finite activation already makes the quantizer's range, and so its output, NaN. Why:
+    the conv after the quantizer saves q(x), not x, so AOTAutograd's partitioner would keep
+    ReLU's boolean mask (1 byte per element, cheaper than x's 4) for the ReLU backward, and
+    inductor's CPU code stores and loads bool masks through a generic scalar path (VecMask ->
+    bool, ~25 ns per element in torch 2.14: 50 ms per 2M-element layer at 1 thread). Reading x
+    here makes x saved, as the FP32 model's conv saves it, and the mask is recomputed from x for
+    free. docs/kernels.md ("torch.compile") has the measurements.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lo, s, qmax):
+        ctx.save_for_backward(x)
+        return quantize(x, lo, s, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x * 0 + 1), None, None, None
+
+
+def act_fake_quant(x: torch.Tensor, lo: torch.Tensor, s: torch.Tensor, qmax) -> torch.Tensor:
+    """An activation quantizer's FakeQuantSTE (under torch.compile, unless compile_mode is "ops": _TracedActSTE)."""
+    return (_TracedActSTE if _traced_formula() else FakeQuantSTE).apply(x, lo, s, qmax)
 
 
 class GradQuantFn(torch.autograd.Function):

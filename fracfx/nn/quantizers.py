@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from fracfx.bits import FP32, check_bits
-from fracfx.nn.quant import FakeQuantSTE, GradQuantFn, channel_range, fused_kernels_enabled, grid_of, qmax_of, tensor_range
+from fracfx.nn.quant import (FakeQuantSTE, GradQuantFn, act_fake_quant, channel_range, counter_snapshot, fused_kernels_enabled, grid_of, qmax_of,
+                             tensor_range)
 
 
 def _refresh_bits_mirror(module: "_Quantizer", incompatible_keys) -> None:
@@ -81,7 +82,7 @@ class ActQuant(_Quantizer):
         if self._bits == FP32:
             return x
         lo, step = grid_of(lo, rng, self._bits, self.integer_zero_point)
-        return FakeQuantSTE.apply(x, lo, step, qmax_of(self._bits))
+        return act_fake_quant(x, lo, step, qmax_of(self._bits))
 
 
 
@@ -131,9 +132,11 @@ class GradQuant(_Quantizer):
         self.noise_counter.zero_()
 
     def _next_counter(self) -> torch.Tensor:
-        counter = self.noise_counter.clone()
-        # copy_, not add_(1): under torch.compile (torch 2.14) `clone(); buffer.add_(1)` hands the
-        # backward the incremented value (tests/nn/test_compile.py checks compiled == eager)
+        # counter_snapshot, not clone(), and copy_, not add_(1): under torch.compile (torch 2.14)
+        # both `clone(); buffer.add_(1)` (aot_eager) and `clone(); buffer.copy_(clone + 1)`
+        # (inductor) hand the backward the incremented value (tests/nn/test_compile.py checks
+        # compiled == eager on both backends)
+        counter = counter_snapshot(self.noise_counter)
         self.noise_counter.copy_(counter + 1)
         return counter
 

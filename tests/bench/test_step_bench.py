@@ -28,3 +28,15 @@ def test_compiled_static_run_is_compared_with_compiled_fp32():
 def test_unknown_run_is_refused():
     with pytest.raises(ValueError, match="unknown runs"):
         run_step_benchmark(runs=("fp32", "int4"))
+
+
+def test_compile_mode_is_set_for_the_call_and_reported():
+    from fracfx.nn import quant
+
+    before = quant.compile_mode
+    report = run_step_benchmark(arch="cifar_resnet20", batch_size=2, input_size=8, runs=("fp32",), repeats=1, profile_steps=0,
+                                compile_mode="ops")
+    assert report.compile_mode == "ops" and quant.compile_mode == before
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        run_step_benchmark(runs=("fp32",), compile_mode="inductor")
+    assert quant.compile_mode == before

@@ -119,6 +119,47 @@ def test_per_row_kernel_is_bit_exact_with_fp32_rows(bits):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("shape", [(4, 16, 32, 32), (3, 5, 7, 9), (2, 64, 8, 8), (5, 1, 4, 4), (2, 3, 1, 1)])
+def test_channels_last_input_gives_the_contiguous_result_in_its_own_layout(shape):
+    """torch.compile hands the gradient quantizer channels-last gradients (fake_quant is flexible_layout):
+    each element still gets the noise of its logical (NCHW row-major) index, for any thread count."""
+    x = _x(shape, seed=3)
+    lo, hi = torch.aminmax(x)
+    s = scale_of(hi - lo, 255)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for counter in (None, _counter(6)):
+                want = ops.fake_quant(x, lo, s, 255.0, None, counter, 21)
+                got = ops.fake_quant(cl, lo, s, 255.0, None, counter, 21)
+                assert torch.equal(got, want)
+                assert got.is_contiguous(memory_format=torch.channels_last)
+            # per-row grids on a channels-last tensor (through a contiguous copy)
+            rows = torch.tensor([255.0, 0.0] * shape[0])[: shape[0]]
+            got = ops.fake_quant(cl, lo.expand(shape[0]).contiguous(), s.expand(shape[0]).contiguous(), 0.0, rows, _counter(2), 4)
+            assert torch.equal(got, ops.fake_quant(x, lo.expand(shape[0]).contiguous(), s.expand(shape[0]).contiguous(), 0.0, rows, _counter(2), 4))
+    finally:
+        torch.set_num_threads(threads)
+    # any other layout: the contiguous result, contiguous
+    permuted = x.permute(0, 2, 1, 3)
+    got = ops.fake_quant(permuted, lo, s, 255.0, None, _counter(6), 21)
+    assert got.is_contiguous() and torch.equal(got, ops.fake_quant(permuted.contiguous(), lo, s, 255.0, None, _counter(6), 21))
+
+
+def test_fake_quant_fake_states_the_kernels_output_layout():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    lo, s = torch.zeros(1), torch.full((1,), 0.1)
+    for x in (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.randn(2, 3, 4, 5)[:, :, ::2],
+              torch.randn(2, 1, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(6, 5).t()):
+        real = ops.fake_quant(x, lo, s, 255.0, None, _counter(1), 0)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = ops.fake_quant(mode.from_tensor(x), mode.from_tensor(lo), mode.from_tensor(s), 255.0, None, mode.from_tensor(_counter(1)), 0)
+        assert fake.stride() == real.stride(), x.stride()
+
+
 def test_degenerate_inputs_follow_the_eager_code():
     for x in (torch.zeros(100), torch.full((3, 50), 2.5), torch.tensor([1.0, float("nan"), 3.0])):
         lo, hi = torch.aminmax(x)

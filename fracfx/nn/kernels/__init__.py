@@ -142,6 +142,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fracfx::fake_quant")
     def _(x, lo, s, qmax, row_qmax=None, counter=None, seed=0):
+        # as the kernel: channels-last where x is channels-last (and not contiguous), else contiguous
+        if not x.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.empty_like(x, memory_format=torch.channels_last)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fracfx::mixed_act_dots")

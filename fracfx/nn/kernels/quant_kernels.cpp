@@ -308,37 +308,8 @@ std::tuple<at::Tensor, at::Tensor> row_minmax(const at::Tensor& x_, int64_t rows
 // y = fake quant of x viewed as (rows, cols): lo, s and qmax per row (numel 1 = shared by all rows).
 // qmax 0 in `row_qmax` leaves that row unquantized (copied). With `counter`: stochastic
 // rounding, the Philox noise of (seed, counter, each element's flat index).
-at::Tensor fake_quant(const at::Tensor& x_, const at::Tensor& lo_, const at::Tensor& s_, double qmax,
-                      const std::optional<at::Tensor>& row_qmax_, const std::optional<at::Tensor>& counter_, int64_t seed) {
-  check_float(x_, "fake_quant x");
-  check_float(lo_, "fake_quant lo");
-  check_float(s_, "fake_quant s");
-  auto x = x_.contiguous();
-  auto lo = lo_.contiguous();
-  auto s = s_.contiguous();
-  at::Tensor row_qmax;
-  int64_t rows = std::max(lo.numel(), s.numel());
-  if (row_qmax_.has_value()) {
-    row_qmax = row_qmax_->to(at::kFloat).contiguous();
-    rows = std::max(rows, row_qmax.numel());
-  }
-  const int64_t n = x.numel();
-  auto y = at::empty_like(x);
-  if (n == 0) return y;
-  TORCH_CHECK(lo.numel() == 1 || lo.numel() == rows, "fracfx.fake_quant: lo has ", lo.numel(), " entries for ", rows, " rows");
-  TORCH_CHECK(s.numel() == 1 || s.numel() == rows, "fracfx.fake_quant: s has ", s.numel(), " entries for ", rows, " rows");
-  TORCH_CHECK(n % rows == 0, "fracfx.fake_quant: ", n, " elements do not split into ", rows, " rows");
-  const int64_t cols = n / rows;
-  const bool noisy = counter_.has_value();
-  NoiseKey key{0, 0, 0, 0};
-  if (noisy) key = noise_key(*counter_, seed);
-  const float* px = x.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  const float* plo = lo.data_ptr<float>();
-  const float* ps = s.data_ptr<float>();
-  const float* pq = row_qmax.defined() ? row_qmax.data_ptr<float>() : nullptr;
-  const bool lo_rows = lo.numel() > 1, s_rows = s.numel() > 1, q_rows = pq != nullptr && row_qmax.numel() > 1;
-  const float q0 = (float)qmax;
+static void fake_quant_rows(const float* px, float* py, int64_t n, int64_t cols, const float* plo, bool lo_rows, const float* ps, bool s_rows,
+                            const float* pq, bool q_rows, float q0, bool noisy, const NoiseKey& key) {
   at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
     while (a < b) {
       const int64_t r = a / cols;
@@ -355,6 +326,118 @@ at::Tensor fake_quant(const at::Tensor& x_, const at::Tensor& lo_, const at::Ten
       a = e;
     }
   });
+}
+
+#if defined(__AVX2__)
+// 8 x 8 block: row k of src (stride ss) -> column k of dst (stride ds)
+static inline void transpose8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + k * ss);
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 2; ++k) {
+    r[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    r[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+    r[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    r[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm256_permute2f128_ps(r[k], r[k + 4], 0x20);
+    t[k + 4] = _mm256_permute2f128_ps(r[k], r[k + 4], 0x31);
+  }
+  for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + k * ds, t[k]);
+}
+#endif
+
+// (C, HW) row-major -> (HW, C) row-major (values are copied, never computed on)
+static void transpose(const float* src, float* dst, int64_t C, int64_t HW) {
+#if defined(__AVX2__)
+  if (C % 8 == 0 && HW % 8 == 0) {
+    for (int64_t c0 = 0; c0 < C; c0 += 8)
+      for (int64_t i0 = 0; i0 < HW; i0 += 8) transpose8(src + c0 * HW + i0, HW, dst + i0 * C + c0, C);
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < HW; ++i) dst[i * C + c] = src[c * HW + i];
+}
+
+// Stochastic fake quant of a channels-last (N, C, H, W) tensor, one per-tensor grid, in memory
+// order: element (n, c, h, w) still gets the noise of its logical (row-major NCHW) index, so the
+// result equals the contiguous path's. Per image: its C*H*W noise values (logical order) into a
+// buffer, transposed into memory order in a second buffer (both stay in L2 for CIFAR-sized
+// images), then the same straight SIMD loop as the contiguous path.
+static void fake_quant_channels_last(const float* px, float* py, int64_t N, int64_t C, int64_t HW, float lo, float s, float q,
+                                     const NoiseKey& key) {
+  const int64_t image = C * HW;
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> u, ut((size_t)image);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t first = n * image, last = first + image;
+      const int64_t t0 = first - (first % kTile);
+      u.resize((size_t)(last - t0 + kTile));
+      for (int64_t t = t0; t < last; t += kTile) noise_tile((uint64_t)t, key.s0, key.s1, key.k0, key.k1, u.data() + (t - t0));
+      const float* un = u.data() + (first - t0);
+      transpose(un, ut.data(), C, HW);
+      const float* um = ut.data();
+      const float* xn = px + first;
+      float* yn = py + first;
+      for (int64_t j = 0; j < image; ++j) yn[j] = fq_noisy(xn[j], lo, s, q, um[j]);
+    }
+  });
+}
+
+// The output is channels-last where x is a channels-last (and not contiguous) 4-d tensor, else
+// contiguous; the fake implementation (kernels/__init__.py) states the same rule for torch.compile.
+at::Tensor fake_quant(const at::Tensor& x_, const at::Tensor& lo_, const at::Tensor& s_, double qmax,
+                      const std::optional<at::Tensor>& row_qmax_, const std::optional<at::Tensor>& counter_, int64_t seed) {
+  check_float(x_, "fake_quant x");
+  check_float(lo_, "fake_quant lo");
+  check_float(s_, "fake_quant s");
+  auto lo = lo_.contiguous();
+  auto s = s_.contiguous();
+  at::Tensor row_qmax;
+  int64_t rows = std::max(lo.numel(), s.numel());
+  if (row_qmax_.has_value()) {
+    row_qmax = row_qmax_->to(at::kFloat).contiguous();
+    rows = std::max(rows, row_qmax.numel());
+  }
+  const int64_t n = x_.numel();
+  const bool channels_last = !x_.is_contiguous() && x_.dim() == 4 && x_.is_contiguous(at::MemoryFormat::ChannelsLast);
+  auto y = at::empty_like(x_, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (n == 0) return y;
+  TORCH_CHECK(lo.numel() == 1 || lo.numel() == rows, "fracfx.fake_quant: lo has ", lo.numel(), " entries for ", rows, " rows");
+  TORCH_CHECK(s.numel() == 1 || s.numel() == rows, "fracfx.fake_quant: s has ", s.numel(), " entries for ", rows, " rows");
+  TORCH_CHECK(n % rows == 0, "fracfx.fake_quant: ", n, " elements do not split into ", rows, " rows");
+  const bool noisy = counter_.has_value();
+  NoiseKey key{0, 0, 0, 0};
+  if (noisy) key = noise_key(*counter_, seed);
+  const float* plo = lo.data_ptr<float>();
+  const float* ps = s.data_ptr<float>();
+  const float* pq = row_qmax.defined() ? row_qmax.data_ptr<float>() : nullptr;
+  const bool lo_rows = lo.numel() > 1, s_rows = s.numel() > 1, q_rows = pq != nullptr && row_qmax.numel() > 1;
+  const float q0 = (float)qmax;
+  const bool one_grid = rows == 1;
+  if (!channels_last) {  // row-major: logical order == memory order (a copy first for any other layout)
+    auto x = x_.contiguous();
+    fake_quant_rows(x.data_ptr<float>(), y.data_ptr<float>(), n, n / rows, plo, lo_rows, ps, s_rows, pq, q_rows, q0, noisy, key);
+  } else if (one_grid && !noisy) {  // an elementwise map: memory order
+    fake_quant_rows(x_.data_ptr<float>(), y.data_ptr<float>(), n, n, plo, false, ps, false, pq, false, q0, false, key);
+  } else if (one_grid) {
+    const float q = pq ? pq[0] : q0;
+    if (q == 0.0f) {
+      y.copy_(x_);
+    } else {
+      fake_quant_channels_last(x_.data_ptr<float>(), y.data_ptr<float>(), x_.size(0), x_.size(1), x_.size(2) * x_.size(3), plo[0], ps[0], q, key);
+    }
+  } else {  // per-row grids on a channels-last tensor: in logical order through a contiguous copy
+    auto x = x_.contiguous();
+    auto out = at::empty_like(x);
+    fake_quant_rows(x.data_ptr<float>(), out.data_ptr<float>(), n, n / rows, plo, lo_rows, ps, s_rows, pq, q_rows, q0, noisy, key);
+    y.copy_(out);
+  }
   return y;
 }
 
@@ -477,7 +560,9 @@ at::Tensor rounding_noise(int64_t numel, const at::Tensor& counter, int64_t seed
 TORCH_LIBRARY(fracfx, m) {
   m.def("minmax(Tensor x) -> (Tensor, Tensor)");
   m.def("row_minmax(Tensor x, int rows) -> (Tensor, Tensor)");
-  m.def("fake_quant(Tensor x, Tensor lo, Tensor s, float qmax, Tensor? row_qmax=None, Tensor? counter=None, int seed=0) -> Tensor");
+  // flexible_layout: inductor passes x in whatever layout it chose (channels-last gradients) instead of copying it to NCHW
+  m.def("fake_quant(Tensor x, Tensor lo, Tensor s, float qmax, Tensor? row_qmax=None, Tensor? counter=None, int seed=0) -> Tensor",
+        {at::Tag::flexible_layout});
   m.def("rounding_noise(int numel, Tensor counter, int seed) -> Tensor");
   m.def("mixed_act_dots(Tensor x, Tensor g, Tensor lo, Tensor scales, Tensor qmaxes, bool clamp) -> Tensor");
 }
