@@ -247,7 +247,7 @@ def test_error_gain_scales_the_cost_term_and_is_checked_on_resume(resnet):
     force(gm, 4)  # a6g12: cp 4.6875
     gm(EXAMPLE)
     plain, gained = DFQController(gm, target_ratio=3.0), DFQController(gm, target_ratio=3.0, error_gain=2.0)
-    ratio = float(gained.cost_loss()) / float(plain.cost_loss())
+    ratio = float(gained.cost_loss().detach()) / float(plain.cost_loss().detach())
     assert ratio == pytest.approx(1 + 2.0 * (4.6875 - 3.0), rel=1e-5)
     assert "error_gain" not in plain.state_dict()  # the paper's rule keeps the earlier checkpoint form
     state = json.loads(json.dumps(gained.state_dict()))
@@ -259,8 +259,8 @@ def test_error_gain_scales_the_cost_term_and_is_checked_on_resume(resnet):
     with pytest.raises(ConfigError, match="error_gain"):
         DFQController(gm, target_ratio=3.0, error_gain=-1.0)
     below = DFQController(gm, target_ratio=6.0, raise_gain=2.0)  # cp 4.6875 < 6: scaled
-    assert float(below.cost_loss()) / float(DFQController(gm, target_ratio=6.0).cost_loss()) == pytest.approx(1 + 2.0 * (6.0 - 4.6875), rel=1e-5)
+    assert float(below.cost_loss().detach()) / float(DFQController(gm, target_ratio=6.0).cost_loss().detach()) == pytest.approx(1 + 2.0 * (6.0 - 4.6875), rel=1e-5)
     above = DFQController(gm, target_ratio=3.0, raise_gain=2.0)  # cp above the set-point: the paper's term
-    assert float(above.cost_loss()) == pytest.approx(float(plain.cost_loss()), rel=1e-6)
+    assert float(above.cost_loss().detach()) == pytest.approx(float(plain.cost_loss().detach()), rel=1e-6)
     with pytest.raises(ConfigError, match="raise_gain"):
         DFQController(gm, target_ratio=3.0).load_state_dict(json.loads(json.dumps(above.state_dict())))
