@@ -39,6 +39,7 @@ GATE_ROLES = (GATE_EMBED, GATE_STEP, GATE_STATE, GATE_HEAD, GATE_CHOICE)  # the 
 PORT_INPUT, PORT_SHORTCUT, PORT_OUTPUT = "input", "shortcut", "output"
 FP32_ROWS = "fp32_rows"  # DFQ "fp32" candidate: the op's float result for the samples that chose it
 SKIP_MIX = "skip_mix"  # DFQ "skip" candidate: the block's shortcut for the samples that chose it
+FUSED_ATTENTION = "fused_attention"  # a lowered SDPA's FusedAttention end (fused op while its products' quantizers are off)
 
 
 @dataclasses.dataclass(frozen=True)

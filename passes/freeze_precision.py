@@ -3,6 +3,7 @@
     ActQuant(x)               -> FrozenActQuant(x)   running range, integer zero point
     WeightQuant(get_attr W)   -> FrozenWeight()      pre-quantized integer codes per channel
     GradQuant(y)              -> y                   removed: a frozen model has no backward
+    FusedAttention(y, ...)    -> y                   a lowered SDPA keeps its decomposition (ONNX has no fused kernel)
 
 The result is exactly what the exported ONNX computes (see fracfx.nn.frozen): activations use the
 running ranges (eval semantics), the grid offset lo is moved onto an integer zero point
@@ -169,6 +170,9 @@ def _freezer(role: str) -> Callable[[_Freezing, fx.Node], object] | None:
             return _freeze_weight
         case meta.GRAD_QUANT | meta.FP32_ROWS | meta.SKIP_MIX:
             # no backward; at one fixed precision no sample takes DFQ's "fp32" or "skip" candidate
+            return _strip
+        case meta.FUSED_ATTENTION:
+            # the decomposition (its first input): what the exported ONNX computes, at any bits
             return _strip
     return None
 

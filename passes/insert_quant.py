@@ -8,6 +8,10 @@ weight quantizer is a visible node and parameter names (state_dict keys) are unc
 subclass with its own forward, kept as a leaf (timm's Conv2dSame), is called through
 torch.func.functional_call with its weight replaced by the quantized one. New
 quantizer modules live under `fracfx_quant.<op>`; each compute node records a QuantBinding.
+
+A scaled_dot_product_attention that lower_aten decomposed ends in a FusedAttention call: it gets
+the quantizers of its two products as extra (get_attr) arguments, to fall back to the fused op
+while all of them are off, and is marked Inserted (role FUSED_ATTENTION) for freeze_precision.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fracfx.meta import (
-    ACT_QUANT, GRAD_QUANT, INSERTED, MATMUL, QUANT_BINDING, QUANT_SPEC, WEIGHT_QUANT, Inserted, QuantBinding, get_quant_spec,
-    set_binding, set_inserted,
+    ACT_QUANT, FUSED_ATTENTION, GRAD_QUANT, INSERTED, MATMUL, QUANT_BINDING, QUANT_SPEC, WEIGHT_QUANT, Inserted, QuantBinding,
+    get_inserted, get_quant_spec, set_binding, set_inserted,
 )
+from fracfx.nn.exported import FusedAttention
 from fracfx.nn.quantizers import ActQuant, GradQuant, WeightQuant
 from fracfx.passes.infra import attr, copy_graph, graph_pass, rebuild
 
@@ -59,9 +64,12 @@ def _written_in_place(gm: fx.GraphModule, node: fx.Node, _seen: set | None = Non
         aliases = False
         if user.op == "call_module":
             module = attr(gm, user.target)
-            if getattr(module, "inplace", False) or not type(module).__module__.startswith("torch.nn"):
+            if isinstance(module, FusedAttention):  # writes nothing; may return its first input
+                aliases = True
+            elif getattr(module, "inplace", False) or not type(module).__module__.startswith("torch.nn"):
                 return True
-            aliases = isinstance(module, _ALIAS_MODULES)
+            else:
+                aliases = isinstance(module, _ALIAS_MODULES)
         elif isinstance(user.target, torch._ops.OpOverload):  # a torch.export graph: the schema says
             if user.target._schema.is_mutable:
                 return True
@@ -141,6 +149,25 @@ class _Inserter:
         return self.graph.call_function(node.target, tuple(args), kwargs), [act], weight.target
 
 
+def _link_attention(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """Append to each FusedAttention call the quantizers serving its two products (module docstring)."""
+    serving: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        inserted = get_inserted(node)
+        if inserted is not None and inserted.role in (ACT_QUANT, GRAD_QUANT):
+            serving.setdefault(inserted.serves, []).append(node.target)
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target.startswith(f"{QUANT_ROOT}."):  # the new quantizers are not in gm yet
+            continue
+        attention = attr(gm, node.target)
+        if not isinstance(attention, FusedAttention):
+            continue
+        with graph.inserting_before(node):
+            quantizers = [graph.get_attr(target) for name in attention.products for target in serving.get(name, ())]
+        node.args = (*node.args, *quantizers)
+        set_inserted(node, Inserted(role=FUSED_ATTENTION, serves=attention.products[-1]))
+
+
 @graph_pass(reads=(QUANT_SPEC,), writes=(INSERTED, QUANT_BINDING))
 def insert_quant(
     gm: fx.GraphModule,
@@ -169,4 +196,5 @@ def insert_quant(
         set_binding(compute, QuantBinding(act=tuple(a.target for a in acts), weight=weight, grad=grad.target))
         node.replace_all_uses_with(grad)
         graph.erase_node(node)
+    _link_attention(gm, graph)
     return rebuild(gm, graph, inserter.modules)

@@ -12,13 +12,15 @@ become nn.Dropout(p) modules that train()/eval() switch. On an exported graph (f
                                     reshaped, the linear takes the (B, T, C) tensor (batch first)
     aten.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale)
                                     torch.matmul(q, k^T) * scale -> causal/explicit mask ->
-                                    softmax -> Dropout -> torch.matmul(., v): the QK^T and AV
-                                    products become matmuls that annotate_quant quantizes, as the
-                                    fx path does for nn.MultiheadAttention (equal to the fused
-                                    kernel up to float rounding, ~1e-7 relative: eager CPU
-                                    SDPA runs the flash kernel, whose blocked softmax no
-                                    composition of ops reproduces bit for bit, so such a model
-                                    is not bit-exact at bits 0; timm mobilevit_xxs: 3.4e-8)
+                                    softmax -> Dropout -> torch.matmul(., v) -> FusedAttention:
+                                    the QK^T and AV products become matmuls that annotate_quant
+                                    quantizes, as the fx path does for nn.MultiheadAttention; the
+                                    decomposition equals the fused kernel only up to float
+                                    rounding (~1e-7 relative: eager CPU SDPA runs a flash kernel
+                                    whose blocked softmax no composition of ops reproduces), so
+                                    the closing fracfx.nn.exported.FusedAttention call returns
+                                    SDPA itself on the original arguments while every quantizer
+                                    of the two products is off (bits 0 stays bit-exact)
     aten.dropout(x, p, train)       an nn.Dropout(p) call_module, and
     aten.batch_norm(..., training)  a fracfx.nn.exported.ModeBatchNorm call_module: export bakes
                                     the model's mode into both; as modules, train()/eval() switch
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 
 from fracfx.meta import MODULE_STACK
-from fracfx.nn.exported import ModeBatchNorm
+from fracfx.nn.exported import FusedAttention, ModeBatchNorm
 from fracfx.passes.infra import attr, copy_graph, graph_pass, rebuild
 
 LOWERED_ROOT = "fracfx_lowered"
@@ -81,8 +83,8 @@ class _Lowering:
     def __init__(self, gm: fx.GraphModule, graph: fx.Graph):
         self.gm, self.graph, self.modules = gm, graph, {}
 
-    def module(self, node: fx.Node, module: nn.Module, args) -> fx.Node:
-        target = f"{LOWERED_ROOT}.{node.name}"
+    def module(self, node: fx.Node, module: nn.Module, args, suffix: str = "") -> fx.Node:
+        target = f"{LOWERED_ROOT}.{node.name}{suffix}"
         self.modules[target] = module
         module.training = self.gm.training
         new = self.graph.call_module(target, tuple(args))
@@ -138,13 +140,15 @@ class _Lowering:
         tracer.module_stack = collections.OrderedDict(node.meta.get(MODULE_STACK) or {})
         P = lambda n: fx.Proxy(n, tracer) if isinstance(n, fx.Node) else n
         with self.graph.inserting_before(node):
-            scores = torch.matmul(P(q), P(k).transpose(-2, -1))
-            scores = tracer.create_proxy("call_function", _scale_and_mask, (scores, P(q), P(mask), a.get("is_causal", False), a.get("scale")), {})
+            product = torch.matmul(P(q), P(k).transpose(-2, -1))
+            scores = tracer.create_proxy("call_function", _scale_and_mask, (product, P(q), P(mask), a.get("is_causal", False), a.get("scale")), {})
             weights = torch.softmax(scores, dim=-1)
             if a.get("dropout_p", 0.0) > 0:
                 weights = P(self.module(node, nn.Dropout(a["dropout_p"]), (weights.node,)))
             out = torch.matmul(weights, P(v))
-        self.replace(node, out.node)
+            fused = FusedAttention((product.node.name, out.node.name), a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale"))
+            end = self.module(node, fused, (out.node, q, k, v, mask), suffix="_fused")
+        self.replace(node, end)
 
 
 def _scale_and_mask(scores: torch.Tensor, query: torch.Tensor, mask, is_causal: bool, scale) -> torch.Tensor:

@@ -85,14 +85,7 @@ def check_model(name: str) -> list[tuple[str, str]]:
 
 
 # known gaps, each with what was measured
-KNOWN = {"mobilevit_xxs": (
-    "bits 0 differs from the float model by 3.4e-08 in eval: fx cannot trace it, so it is captured by torch.export, and "
-    "lower_aten rewrites its 9 aten.scaled_dot_product_attention calls into matmul(q, k^T) * scale -> softmax -> matmul(., v) "
-    "so the two products are quantizable; eager CPU SDPA runs the fused flash kernel (_scaled_dot_product_flash_attention_for_cpu: "
-    "blocked online softmax, its own exp, normalised after the AV product), which no composition of torch ops reproduces bit for "
-    "bit. First differing node: the output of stages.2.1.transformer.0.attn's SDPA; without the SDPA rewrite it is bit-exact. "
-    "fx-captured timm ViTs keep F.scaled_dot_product_attention fused (FP32, in fp32_report), hence exact"
-)}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.slow
