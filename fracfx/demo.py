@@ -1,8 +1,9 @@
 """`fracfx demo`: the main job end to end, on offline data, in a few minutes on 2 CPU cores.
 
     train (FracTrain by default: DFQ gates whose cost target PFQ's indicator raises) on
-    Fashion-MNIST -> fixed precision (each gated block at its most used candidate) -> QDQ ONNX ->
-    verify in onnxruntime -> accuracy of PyTorch and ONNX on the whole test set -> summary + PNG.
+    Fashion-MNIST -> fixed precision (each gated block at its most used candidate) -> int8-fast ONNX
+    (calibrated on training images) -> verify in onnxruntime on test images -> accuracy of PyTorch
+    and ONNX on the whole test set -> summary + PNG.
 
 Every number printed is measured in this run; nothing is downloaded.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 DEMO_WINDOW_FRACTION = 20  # indicator windows per run: short runs need short windows to turn
 DEMO_EVALUATIONS = 4  # evaluations per run, so that the report's accuracy and precision panels have curves
+VERIFY_IMAGES = 512  # test images the int8-fast file is verified on (against its reference and the frozen model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +43,9 @@ def run_demo(
     from rich.console import Console
 
     from fracfx.export import export_onnx
+    from fracfx.export.accuracy import CALIBRATION_IMAGES, run_accuracy, run_inputs
+    from fracfx.export.fast_int8 import export_fast
     from fracfx.train.report import plot_runs
-    from fracfx.export.accuracy import run_accuracy
     from fracfx.train import TrainConfig, model_from_checkpoint, train
 
     console = console or Console()
@@ -61,7 +64,10 @@ def run_demo(
     console.rule("2/4 fixed precision and ONNX export (int8-fast: onnxruntime's integer kernels), verified in onnxruntime")
     fixed, example = model_from_checkpoint(result.run_dir)
     int8_path = out_dir / "model.onnx"
-    report = export_onnx(fixed, int8_path, example, format="int8-fast", verify=True, latency=True)
+    # calibrated on the run's own training images (fracfx export RUN does the same), verified on
+    # test images: the comparison with the frozen model then measures the format on real inputs
+    report = export_fast(fixed, int8_path, example, calibration_inputs=run_inputs(result.run_dir, CALIBRATION_IMAGES), verify=True,
+                         verify_inputs=run_inputs(result.run_dir, VERIFY_IMAGES, split="test"), verify_label="test images", latency=True)
     for line in report.lines():
         console.print(f"  {line}")
     exact = export_onnx(fixed, out_dir / "model_exact.onnx", example, format="int8", latency=True)

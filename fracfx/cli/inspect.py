@@ -8,6 +8,7 @@ A training run (its folder, or its checkpoint.pt) shows the trained model as `fr
 would write it (fracfx.train.model_from_checkpoint: DFQ/FracTrain blocks pinned at their most
 used candidate), the run's cost so far, and for DFQ/FracTrain the candidate usage per block
 (training samples over the run; the last evaluation's test samples) from the checkpoint.
+An exported .onnx file is described by fracfx.cli.inspect_onnx (QDQ quantizers, or int8-fast kernels).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ KEEP_NOTHING = "none"  # `--keep-fp32 none`: quantize every supported op
 def register(subparsers) -> None:
     parser = subparsers.add_parser("inspect", help="show the quantized graph: ops, bits, MACs, cost vs FP32 and static 8-bit")
     parser.add_argument("model", metavar="MODEL", help="zoo name (cifar_resnet38), torchvision name (resnet18), package.module:factory, "
-                        "or a `fracfx train` run folder / checkpoint.pt")
+                        "a `fracfx train` run folder / checkpoint.pt, or an exported .onnx file")
     add_flag(parser, "--act-bits", type=int, default=8, help="activation bits, 0 = FP32 (default 8)")
     add_flag(parser, "--weight-bits", type=int, default=8, help="weight bits, 0 = FP32 (default 8)")
     add_flag(parser, "--grad-bits", type=int, default=8, help="gradient bits, 0 = FP32 (default 8)")
@@ -265,32 +266,12 @@ def run_checkpoint(args) -> int:
     return 0
 
 
-def run_onnx(args) -> int:
-    """`fracfx inspect model.onnx`: the QDQ quantizers of an exported file, bits and scales."""
-    from fracfx.export import describe_onnx
-
-    rows = describe_onnx(args.model)
-    if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{args.model}: {len(rows)} quantizers (QDQ)")
-    for column in ("quantizer", "role", "bits", "codes", "channels", "scale min", "scale max", "zero point", "arithmetic"):
-        table.add_column(column, justify="left" if column in ("quantizer", "role", "codes") else "right")
-    for r in rows:
-        zero_point = str(r.zero_point_min) if r.zero_point_min == r.zero_point_max else f"{r.zero_point_min}..{r.zero_point_max}"
-        table.add_row(r.name, r.role, str(r.bits), r.dtype, str(r.channels), f"{r.scale_min:.4g}", f"{r.scale_max:.4g}", zero_point,
-                      "integer" if r.centered else "dequantized")
-    Console(width=160).print(table)
-    return 0
-
-
 def run(args) -> int:
     import fracfx
 
     if args.model.endswith(".onnx"):
+        from fracfx.cli.inspect_onnx import run_onnx
+
         return run_onnx(args)
     if is_checkpoint(args.model):
         return run_checkpoint(args)

@@ -64,6 +64,23 @@ def run_accuracy(
     return RunAccuracy(samples, trained, fixed_acc, onnx)
 
 
+CALIBRATION_IMAGES = 256  # a run's own training images that calibrate its fast-int8 export (weight_rounding: stable statistics)
+
+
+def run_inputs(run: str | os.PathLike, count: int, *, split: str = "train") -> torch.Tensor:
+    """`count` inputs of a run's own data, the same on every call: the first batch its training
+    loader draws (seeded and augmented as in training: calibration data for a fast-int8 export),
+    or the first `count` of its test set (`split="test"`)."""
+    from fracfx.train import load_trained, task_for
+
+    config = load_trained(run).config
+    train_loader, test_loader, _ = task_for(config).build_loaders(
+        config.dataset, datadir=config.datadir, batch_size=count, seed=config.seed, train_subset=config.train_subset,
+        test_subset=count if split == "test" else None,
+    )
+    return next(iter(train_loader if split == "train" else test_loader))[0][:count]
+
+
 def __getattr__(name: str):
     # the names before the package layout: kept for one release
     old = {"test_set_accuracy": run_accuracy, "TestSetAccuracy": RunAccuracy}

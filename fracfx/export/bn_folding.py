@@ -15,9 +15,19 @@ pairs of u8 * s8 products in int16 with saturation (vpmaddubsw), so a pair must 
 weights, what onnxruntime's reduce_range does); activations of 7 bits or fewer leave the full
 int8 range. A channel over the limit (also any 8-bit asymmetric channel whose zero point is not
 128: |q - zp| reaches 255 - zp) either has its few outermost codes clipped to the limit or is
-re-quantized onto [-limit, limit] with a coarser step, whichever changes its weights less (L2);
-`FoldedWeight.requantized` counts them. VNNI (vpdpbusd) accumulates in int32 and
-needs no limit beyond int8's 127.
+re-quantized onto [-limit, limit] with a coarser step, whichever changes the conv's output less:
+with calibration data (`moments`, fracfx.export.weight_rounding) both candidates are rounded
+with error feedback and compared by the output error they cause on that data, and the bias takes
+back the shift of the output's mean the change causes (bias correction); without, they are
+rounded to nearest and compared by the weights' L2 change. `FoldedWeight.requantized` counts
+them. VNNI (vpdpbusd) accumulates in int32 and needs no limit beyond int8's 127.
+
+Bias precision (`finer_bias_unit`): QLinearConv adds an int32 bias in units of s_x * s_w[c], so
+the folded bias is rounded by up to half a unit; with 4-bit weights (|v| <= 15) a unit is a
+visible fraction of an output step, enough to move codes that sit near a rounding boundary.
+Multiplying a channel's integer weights by 2^j (as far as the limit allows) and dividing its
+scale by 2^j keeps the same real weights, exactly (a power of two), and makes the unit 2^j times
+finer.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from fracfx.export.weight_rounding import InputMoments, output_error, round_with_feedback
 from fracfx.nn.frozen import FrozenWeight
 
 INT8_LIMIT = 127
@@ -56,8 +67,11 @@ def bn_factors(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return a, c
 
 
-def fold(weight: FrozenWeight, bias: torch.Tensor | None, bn: nn.Module | None, *, limit: int) -> FoldedWeight:
-    """The int8 weight, positive per-channel scale and real bias of conv (+ bn) (module docstring)."""
+def fold(weight: FrozenWeight, bias: torch.Tensor | None, bn: nn.Module | None, *, limit: int, moments: InputMoments | None = None) -> FoldedWeight:
+    """The int8 weight, positive per-channel scale and real bias of conv (+ bn) (module docstring).
+
+    moments: the conv's input patches over calibration data (weight_rounding.input_moments), or None.
+    """
     if weight.axis != 0:
         raise ValueError(f"weights quantized along axis {weight.axis}; the fast format needs per-output-channel (axis 0)")
     shape = (-1,) + (1,) * (weight.codes.dim() - 1)
@@ -73,22 +87,39 @@ def fold(weight: FrozenWeight, bias: torch.Tensor | None, bn: nn.Module | None, 
     over = v.abs().reshape(v.shape[0], -1).amax(dim=1) > limit
     requantized = int(over.sum())
     if requantized:
-        # per channel, the smaller weight change (L2) of: clip the few codes beyond the limit, or
-        # re-round every code onto a coarser step peak / limit
-        real = v.double() * scale.view(shape)
-        peak = real.abs().reshape(v.shape[0], -1).amax(dim=1)
-        new_scale = torch.where(over, peak / limit, scale)
-        rounded = torch.round(real / new_scale.view(shape)).long()
-        clipped = v.clamp(-limit, limit)
-        err_round = ((rounded.double() * new_scale.view(shape) - real) ** 2).reshape(v.shape[0], -1).sum(dim=1)
-        err_clip = ((clipped.double() * scale.view(shape) - real) ** 2).reshape(v.shape[0], -1).sum(dim=1)
-        use_round = over & (err_round < err_clip)
-        v = torch.where(use_round.view(shape), rounded, clipped)
-        scale = torch.where(use_round, new_scale, scale)
+        # per channel, whichever changes the output less (module docstring): keep the step and clip
+        # the few codes beyond the limit, or re-round every code onto the coarser step peak / limit.
+        # Errors are compared in units of the channel's old step (the same factor for both candidates).
+        hessian = None if moments is None else moments.covariance  # the mean's part goes into the bias below
+        flat = v.reshape(v.shape[0], -1).double()
+        ratio = torch.where(over, flat.abs().amax(dim=1) / limit, torch.ones_like(scale))  # new step / old step
+        rounded = round_with_feedback(flat / ratio[:, None], limit, hessian)
+        clipped = round_with_feedback(flat, limit, hessian)
+        use_round = over & (output_error(rounded * ratio[:, None] - flat, hessian) < output_error(clipped - flat, hessian))
+        new = torch.where(use_round[:, None], rounded, clipped)
+        if moments is not None:
+            real_bias = real_bias - moments.mean_shift((new * torch.where(use_round, ratio, 1.0)[:, None] - flat) * scale[:, None])
+        v = new.long().view(v.shape)
+        scale = torch.where(use_round, scale * ratio, scale)
     dead = scale <= 0  # a zero BatchNorm factor: the channel is its bias alone
     v = torch.where(dead.view(shape), torch.zeros_like(v), v)
     scale = torch.where(dead, torch.ones_like(scale), scale)
     return FoldedWeight(v.clamp(-limit, limit), scale.float(), real_bias, requantized, bn is not None)
+
+
+def finer_bias_unit(folded: FoldedWeight, limit: int, x_scale: float) -> FoldedWeight:
+    """The same real weights with each channel's integers times 2^j <= limit / max|v| and its scale / 2^j (module docstring).
+
+    All-zero channels keep factor 1, and no factor takes the int32 bias past BIAS_LIMIT / 2.
+    """
+    values = folded.values
+    peak = values.abs().reshape(values.shape[0], -1).amax(dim=1)
+    units = (folded.bias.abs() / (float(x_scale) * folded.scale.double())).clamp(min=1.0)
+    room = torch.minimum(limit / peak.clamp(min=1).double(), BIAS_LIMIT / 2 / units)
+    factor = torch.where(peak > 0, 2 ** torch.floor(torch.log2(room)).clamp(min=0), torch.ones_like(room)).long()
+    factor = torch.where(factor * peak > limit, factor // 2, factor).clamp(min=1)  # log2 rounding at an exact power of two
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    return dataclasses.replace(folded, values=values * factor.view(shape), scale=folded.scale / factor.float())
 
 
 def int32_bias(real_bias: torch.Tensor, x_scale: float, w_scale: torch.Tensor) -> torch.Tensor:

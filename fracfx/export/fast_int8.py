@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from fracfx.errors import ExportError
 from fracfx.meta import FROZEN
-from fracfx.export.fast_report import FastExportReport, verify_fast
+from fracfx.export.fast_report import NOISE, FastExportReport, verify_fast
 from fracfx.export.int8_ops import Builder, Int8Reference
 
 # format -> (full int8 weight range: VNNI CPUs only, float branches: ConvInteger where the trained model keeps a float)
@@ -73,16 +73,39 @@ def measure_ranges(frozen: fx.GraphModule, names: list[str], inputs, *, batch_si
     return {n: (lo / count, hi / count) for n, (lo, hi) in sums.items()}
 
 
+def _requantized_layers(frozen: fx.GraphModule, vnni: bool) -> list[str]:
+    """Quantized convs/linears with weight codes beyond the smallest limit the format may impose (bn_folding)."""
+    from fracfx.export import bn_folding
+    from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
+
+    floor = bn_folding.headroom_limit(255, vnni=vnni)  # 8-bit activations: the tightest limit
+    modules = dict(frozen.named_modules())
+    found = []
+    for node in frozen.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        act, weight = (modules.get(a.target) if isinstance(a, fx.Node) and a.op == "call_module" else None for a in node.args[:2])
+        if isinstance(act, FrozenActQuant) and isinstance(weight, FrozenWeight):
+            if int((weight.codes.long() - weight._broadcast(weight.zero_point).long()).abs().max()) > floor:
+                found.append(node.name)
+    return found
+
+
 def build_reference(gm: fx.GraphModule, calibration_inputs=None, *, vnni: bool = False, example_inputs=None, float_branches: bool = False):
     """(Int8Reference, LoweringStats, frozen model) for a transformed or frozen-dequantized model.
 
     The ranges of new 8-bit grids come from `calibration_inputs` (a batch, or a tuple of them)
     when given; else from the BatchNorm before them (int8_plan.batchnorm_ranges: data-free, the
     training data's statistics) and, for a grid with no BatchNorm before it, from seeded N(0, 1)
-    samples shaped like `example_inputs`.
+    samples shaped like `example_inputs`; each is then cut to the interval where the branch can
+    change the output at all (int8_ranges.narrow: lossless). With `calibration_inputs` (images like the training
+    data, a few hundred), weight channels re-quantized for the format's limit are also rounded to
+    minimise the conv's output error on them, their bias corrected for the mean shift
+    (fracfx.export.weight_rounding); without, to nearest.
     """
     from fracfx.export.int8_lower import lower
     from fracfx.export.int8_plan import batchnorm_ranges, new_points
+    from fracfx.export.int8_ranges import narrow
 
     frozen = _frozen_dequantized(gm)
     points = new_points(frozen)
@@ -97,12 +120,23 @@ def build_reference(gm: fx.GraphModule, calibration_inputs=None, *, vnni: bool =
             if example_inputs is None:
                 raise ExportError(f"new 8-bit grids at {rest[:3]} have no BatchNorm before them; pass calibration_inputs")
             ranges.update(measure_ranges(frozen, rest, random_inputs(gm, _tuple(example_inputs), 256, seed=3)))
-    ops, inputs, outputs, stats = lower(frozen, ranges, vnni=vnni, float_branches=float_branches)
+    ranges = narrow(frozen, ranges)  # a residual branch's grid covers only where it can change the output (int8_ranges)
+    moments = None
+    if calibration_inputs is not None:
+        from fracfx.export.weight_rounding import input_moments
+
+        moments = input_moments(frozen, _requantized_layers(frozen, vnni), _tuple(calibration_inputs))
+    ops, inputs, outputs, stats = lower(frozen, ranges, vnni=vnni, float_branches=float_branches, moments=moments)
     return Int8Reference(ops, inputs, outputs), stats, frozen
 
 
-def to_onnx(reference: Int8Reference, example_inputs, *, fmt: str = "int8-fast"):
-    """The ModelProto of a reference: inputs and outputs with a dynamic batch axis."""
+def to_onnx(reference: Int8Reference, example_inputs, *, fmt: str = "int8-fast", stats=None):
+    """The ModelProto of a reference: inputs and outputs with a dynamic batch axis.
+
+    Metadata: the format, the op counts and (given `stats`, int8_lower.LoweringStats) the lowering
+    statistics, which `fracfx inspect` shows (fracfx.export.fast_describe).
+    """
+    import dataclasses
     import json
 
     import onnx
@@ -122,7 +156,10 @@ def to_onnx(reference: Int8Reference, example_inputs, *, fmt: str = "int8-fast")
         [info(n, t) for n, t in zip(reference.output_names, outputs)], b.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fracfx")
-    helper.set_model_props(model, {"fracfx.format": fmt, "fracfx.ops": json.dumps(reference.op_counts(), separators=(",", ":"))})
+    props = {"fracfx.format": fmt, "fracfx.ops": json.dumps(reference.op_counts(), separators=(",", ":"))}
+    if stats is not None:
+        props["fracfx.lowering"] = json.dumps(dataclasses.asdict(stats), separators=(",", ":"))
+    helper.set_model_props(model, props)
     onnx.checker.check_model(model)
     return model
 
@@ -167,8 +204,12 @@ def float_twin(frozen: fx.GraphModule, example_inputs, *, opset: int = OPSET):
 
 
 def export_fast(gm, path, example_inputs, *, format: str = "int8-fast", calibration_inputs=None, verify: bool = False,
-                verify_inputs=None, latency: bool = False) -> FastExportReport:
-    """Write `gm` in a fast int8 format; no file is written when lowering fails (ExportError)."""
+                verify_inputs=None, verify_label: str | None = None, latency: bool = False) -> FastExportReport:
+    """Write `gm` in a fast int8 format; no file is written when lowering fails (ExportError).
+
+    verify_inputs default to 64 seeded N(0, 1) samples; verify_label says what given ones are
+    ("test images"), for the report's lines.
+    """
     from fracfx.export.pipeline import random_inputs
 
     if format not in FAST_FORMATS:
@@ -176,14 +217,15 @@ def export_fast(gm, path, example_inputs, *, format: str = "int8-fast", calibrat
     example_inputs = _tuple(example_inputs)
     vnni, float_branches = FAST_FORMATS[format]
     reference, stats, frozen = build_reference(gm, calibration_inputs, vnni=vnni, example_inputs=example_inputs, float_branches=float_branches)
-    model = to_onnx(reference, example_inputs, fmt=format)
+    model = to_onnx(reference, example_inputs, fmt=format, stats=stats)
     path = os.fspath(path)
     with open(path, "wb") as handle:
         handle.write(model.SerializeToString())
     check = timing = None
     if verify:
         inputs = _tuple(verify_inputs) if verify_inputs is not None else random_inputs(gm, example_inputs, 64)
-        check = verify_fast(model, reference, inputs, frozen=frozen)
+        label = NOISE if verify_inputs is None else (verify_label or "given inputs")
+        check = verify_fast(model, reference, inputs, frozen=frozen, inputs_label=label)
     if latency:
         from fracfx.export.verify import compare_latency
 

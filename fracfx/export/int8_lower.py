@@ -32,8 +32,9 @@ class LoweringStats:
 
 
 class Lowering:
-    def __init__(self, gm: fx.GraphModule, ranges: dict, *, vnni: bool, float_branches: bool = False):
+    def __init__(self, gm: fx.GraphModule, ranges: dict, *, vnni: bool, float_branches: bool = False, moments: dict | None = None):
         self.gm, self.ranges, self.vnni, self.float_branches = gm, ranges, vnni, float_branches
+        self.moments = moments or {}  # node name -> weight_rounding.InputMoments, for re-quantized channels
         self.ops, self.env, self.done = [], {}, set()
         self.stats = LoweringStats()
         self._dq_cache: dict[str, str] = {}
@@ -154,7 +155,8 @@ class Lowering:
         for a, b in clamps:
             lo, hi = max(lo, quantize_value(a, grid)), min(hi, quantize_value(b, grid))
         limit = bn_folding.headroom_limit(x.hi, vnni=self.vnni)
-        folded = bn_folding.fold(weight, bias, bn, limit=limit)
+        folded = bn_folding.fold(weight, bias, bn, limit=limit, moments=self.moments.get(node.name))
+        folded = bn_folding.finer_bias_unit(folded, limit, x.scale)  # the int32 bias is the only rounding this changes
         bias_q = bn_folding.int32_bias(folded.bias, x.scale, folded.scale)
         pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
         self.ops.append(QConv(
@@ -171,7 +173,7 @@ class Lowering:
     def conv_float(self, node, x: Codes, weight, bias, bn, clamps, chain, conv_args) -> None:
         """A conv whose output the trained model keeps in float: ConvInteger + float rescale."""
         stride, padding, dilation, groups = conv_args
-        folded = bn_folding.fold(weight, bias, bn, limit=bn_folding.INT8_LIMIT)
+        folded = bn_folding.fold(weight, bias, bn, limit=bn_folding.INT8_LIMIT, moments=self.moments.get(node.name))
         pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
         end = chain[0] if bn is not None else node
         self.ops.append(ConvIntFloat(
@@ -192,10 +194,12 @@ class Lowering:
         x = self._input_codes(node)
         weight = _module(self.gm, node.args[1])
         bias = _attr(self.gm, _arg(node, 2, "bias"))
-        folded = bn_folding.fold(weight, None, None, limit=bn_folding.headroom_limit(x.hi, vnni=self.vnni))
+        limit = bn_folding.headroom_limit(x.hi, vnni=self.vnni)
+        folded = bn_folding.fold(weight, bias, None, limit=limit, moments=self.moments.get(node.name))
+        corrected = self.moments.get(node.name) is not None and folded.requantized  # fold moved the bias (bias correction)
         self.ops.append(QLinearFloat(
             self.env[node.args[0].name].name, node.name, x.scale, x.zp, folded.values, folded.scale,
-            None if bias is None else bias.detach().float(),
+            folded.bias.float() if bias is not None or corrected else None,
         ))
         self.put(node, node.name)
         self.stats.qlinear += 1
@@ -247,13 +251,16 @@ def bn_folding_ok(m) -> bool:
     return isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_var is not None
 
 
-def lower(gm: fx.GraphModule, ranges: dict, *, vnni: bool = False, float_branches: bool = False):
+def lower(gm: fx.GraphModule, ranges: dict, *, vnni: bool = False, float_branches: bool = False, moments: dict | None = None):
     """(ops, input names, output names, LoweringStats) of a frozen dequantized GraphModule.
 
     float_branches: a conv whose output the trained model keeps in float (it would need a new
     8-bit grid) becomes ConvInteger + float rescale instead: no rounding the trained model lacks,
     but onnxruntime's ConvInteger (u8 x u8, NCHW im2col, no prepacked weights) is slower.
+    moments: {conv/linear node name: weight_rounding.InputMoments} from calibration data, which
+    re-quantized weight channels are rounded (and their bias corrected) against; without, they are
+    rounded to nearest.
     """
-    lowering = Lowering(gm, ranges, vnni=vnni, float_branches=float_branches)
+    lowering = Lowering(gm, ranges, vnni=vnni, float_branches=float_branches, moments=moments)
     ops, inputs, outputs = lowering.run()
     return ops, inputs, outputs, lowering.stats
