@@ -215,13 +215,16 @@ def plot_sweep(runs: list[Run], output: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     (ax_loss, ax_score), (ax_cost, ax_cp) = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    any_cp = False
+    any_cp, off_scale = False, []
     for index, (name, members) in enumerate(groups.items()):
         color = colors[index % len(colors)]
         xs = [m["iteration"] for m in members[0].metrics]
         _band(ax_loss, xs, [[m["train_loss"] for m in r.metrics] for r in members], color, name)
         _band(ax_score, xs, [[m[score.key] for m in r.metrics] for r in members], color, name)
-        _band(ax_cost, xs, [[m["cost_vs_sbm"] for m in r.metrics] for r in members], color, name, scale=100.0)
+        if members[0].config.get("method") == "fp32":  # 16x static 8-bit: drawn, it flattens every quantized curve
+            off_scale.append(f"{name} {100 * members[0].metrics[-1]['cost_vs_sbm']:.0f} %")
+        else:
+            _band(ax_cost, xs, [[m["cost_vs_sbm"] for m in r.metrics] for r in members], color, name, scale=100.0)
         if members[0].config.get("method") in DFQ_METHODS:
             traces = [t for t in (_cp_trace(r) for r in members) if t]
             length = min((len(t) for t in traces), default=0)
@@ -234,7 +237,8 @@ def plot_sweep(runs: list[Run], output: str | os.PathLike) -> Path:
     ax_loss.set(title="training loss (mean since the last evaluation); shaded: seeds' range", xlabel="iteration", ylabel="cross-entropy",
                 yscale="log")
     ax_score.set(title=f"{score.title}; shaded: seeds' range", xlabel="iteration", ylabel=score.unit, yscale=score.scale)
-    ax_cost.set(title="cumulative effective MACs / static 8-bit's (100 % = static 8/8/8)", xlabel="iteration", ylabel="%")
+    ax_cost.set(title="cumulative effective MACs / static 8-bit's (100 % = static 8/8/8)"
+                + (f"\noff the scale: {', '.join(off_scale)}" if off_scale else ""), xlabel="iteration", ylabel="%")
     if any_cp:
         ax_cp.set(title="gated cp (solid, mean over seeds) vs set-point (dashed)", xlabel="iteration (mean per indicator window)", ylabel="cp (% of FP32)")
     else:
