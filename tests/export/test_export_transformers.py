@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -91,6 +92,15 @@ def test_transformer_exports_and_runs_at_any_batch(name, tmp_path):
     for level in report.verify.levels:
         assert level.top1_agreement is not None and level.top1_agreement >= 0.999, level
         assert level.within_tolerance >= 0.99 and level.max_rel_error <= 1e-2, level  # a few one-step flips, no more
+
+    # onnxruntime runs every quantized product on its integer kernels: per layer the q, k, v, out
+    # projections, the two feed-forward linears, QK^T and AV (2 layers; the FP32 @first/@last stay float)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert optimized.count("MatMulIntegerToFloat") == 8 * 2, sorted(set(optimized))
 
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     five = torch.cat([x, x, x])[:5]
