@@ -128,6 +128,8 @@ def _call(factory: Callable[..., Any], name: str, **kwargs: Any) -> nn.Module:
 def _build_torchvision(name: str, num_classes: int, in_channels: int, model_kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
 
+    if name in ("googlenet", "inception_v3"):  # their default init, said explicitly: unset, torchvision warns on every build
+        model_kwargs = {"init_weights": True, **model_kwargs}
     model = _call(lambda **kw: torchvision.models.get_model(name, weights=None, **kw), name, num_classes=num_classes, **model_kwargs)
     if in_channels != DEFAULT_IN_CHANNELS:
         replace_first_conv(model, in_channels)
