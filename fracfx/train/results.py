@@ -234,9 +234,9 @@ def plot_sweep(runs: list[Run], output: str | os.PathLike) -> Path:
                 _band(ax_cp, [p[0] for p in traces[0]], [[p[1] for p in t] for t in traces], color, f"{name} cp")
                 ax_cp.plot([p[0] for p in traces[0]], [p[2] for p in traces[0]], color=color, linestyle="--", alpha=0.7, drawstyle="steps-mid",
                            label=f"{name} set-point (seed {members[0].config.get('seed')})")
-    ax_loss.set(title="training loss (mean since the last evaluation); shaded: seeds' range", xlabel="iteration", ylabel="cross-entropy",
+    ax_loss.set(title="training loss (mean since the last evaluation)\nshaded: seeds' range", xlabel="iteration", ylabel="cross-entropy",
                 yscale="log")
-    ax_score.set(title=f"{score.title}; shaded: seeds' range", xlabel="iteration", ylabel=score.unit, yscale=score.scale)
+    ax_score.set(title=f"{score.title}\nshaded: seeds' range", xlabel="iteration", ylabel=score.unit, yscale=score.scale)
     ax_cost.set(title="cumulative effective MACs / static 8-bit's (100 % = static 8/8/8)"
                 + (f"\noff the scale: {', '.join(off_scale)}" if off_scale else ""), xlabel="iteration", ylabel="%")
     if any_cp:
