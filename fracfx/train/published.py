@@ -33,7 +33,7 @@ class Target:
 
 TARGETS = {
     "fmnist": (Target("pfq", 0.5, 40), Target("fractrain", 0.5, 60), Target("fractrain_raise", 0.5, 60), Target("fractrain_gain", 0.5, 60)),
-    "kjv": (Target("fractrain", 3.0, 50), Target("fractrain_raise", 3.0, 50), Target("pfq", 3.0, 40)),
+    "kjv": (Target("fractrain", 3.0, 50), Target("fractrain_raise", 3.0, 50), Target("fractrain_gain", 3.0, 50), Target("pfq", 3.0, 40)),
 }
 
 
