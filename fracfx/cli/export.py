@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 from fracfx.cli.flags import add_flag
 from fracfx.errors import ExportError
@@ -110,9 +111,14 @@ def write_file(args, gm, example, verify_inputs):
     if fast in FAST_FORMATS:
         calibration = None
         if os.path.exists(args.source):
+            from fracfx.errors import FracfxError
             from fracfx.export.accuracy import CALIBRATION_IMAGES, run_inputs
 
-            calibration = run_inputs(args.source, CALIBRATION_IMAGES)
+            try:
+                calibration = run_inputs(args.source, CALIBRATION_IMAGES)
+            except FracfxError as error:  # the run's data is not on this machine: the data-free ranges still export
+                print(f"note: exporting without calibration on the run's training data ({error}); "
+                      "the new 8-bit grids take their ranges from BatchNorm, re-quantized weights are rounded to nearest", file=sys.stderr)
         try:
             return export_fast(gm, args.output, example, format=fast, calibration_inputs=calibration, verify=args.verify,
                                verify_inputs=verify_inputs, verify_label=NOISE, latency=args.latency)

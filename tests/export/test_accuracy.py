@@ -97,3 +97,14 @@ def test_fast_export_of_a_run_is_calibrated_on_its_training_images(static_run, t
     assert all(np.array_equal(a, b) for a, b in zip(cli, calibrated)) and len(cli) == len(calibrated)
     assert not all(np.array_equal(a, b) for a, b in zip(cli, plain))  # 8-bit weights: re-quantized channels rounded on data
 
+
+
+def test_fast_export_of_a_run_whose_data_is_missing_still_writes_the_file(static_run, tmp_path, capsys, monkeypatch):
+    from fracfx.data import images
+
+    monkeypatch.setattr(images, "FASHION_MNIST_DIR", str(tmp_path / "no_such_data"))  # the run moved to a machine without its dataset
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(static_run), "-o", str(out), "--format", "int8-fast"]) == 0
+    err = capsys.readouterr().err
+    assert "exporting without calibration on the run's training data" in err and "no_such_data" in err
+    assert out.exists() and out.stat().st_size > 0
