@@ -37,12 +37,13 @@ DAMPING = 0.01  # of H's mean diagonal, added to the diagonal: keeps the Cholesk
 class InputMoments:
     """The first two moments of a conv's (or linear's) input patches over calibration data, float64."""
 
-    hessian: torch.Tensor  # [groups, K, K]: E[x x^T]
-    mean: torch.Tensor  # [groups, K]: E[x]
+    covariance: torch.Tensor  # [groups, K, K]: E[(x - mu)(x - mu)^T]
+    mean: torch.Tensor  # [groups, K]: mu = E[x]
 
     @property
-    def covariance(self) -> torch.Tensor:
-        return self.hessian - torch.einsum("gk,gm->gkm", self.mean, self.mean)
+    def hessian(self) -> torch.Tensor:
+        """E[x x^T]."""
+        return self.covariance + torch.einsum("gk,gm->gkm", self.mean, self.mean)
 
     def mean_shift(self, delta: torch.Tensor) -> torch.Tensor:
         """Per output channel, delta . E[x] (delta: [C_out, K]): how far the change moves the output's mean."""
@@ -71,7 +72,9 @@ def input_moments(frozen: fx.GraphModule, names: list[str], inputs: tuple, *, ba
     the InputMoments of its patches over the calibration inputs."""
     if not names:
         return {}
-    wanted, sums, firsts, counts = set(names), {}, {}, {}
+    # moments of x - c, c the first batch's mean: post-ReLU patches have a mean far above their
+    # spread, and E[x x^T] - mu mu^T in float32 products would cancel to noise (even negative variances)
+    wanted, shifts, sums, firsts, counts = set(names), {}, {}, {}, {}
     generator = torch.Generator().manual_seed(seed)
 
     class Recorder(fx.Interpreter):
@@ -82,6 +85,8 @@ def input_moments(frozen: fx.GraphModule, names: list[str], inputs: tuple, *, ba
                 rows = _patches(node, x.float(), weight)
                 if rows.shape[1] > MAX_ROWS:
                     rows = rows[:, torch.randperm(rows.shape[1], generator=generator)[:MAX_ROWS]]
+                shift = shifts.setdefault(node.name, rows.mean(dim=1, keepdim=True))
+                rows = rows - shift
                 h = torch.einsum("grk,grm->gkm", rows, rows).double()  # float32 products, summed per batch then in float64
                 sums[node.name] = sums.get(node.name, 0) + h
                 firsts[node.name] = firsts.get(node.name, 0) + rows.sum(dim=1).double()
@@ -91,7 +96,12 @@ def input_moments(frozen: fx.GraphModule, names: list[str], inputs: tuple, *, ba
     frozen.eval()
     for start in range(0, inputs[0].shape[0], batch_size):
         Recorder(frozen).run(*(t[start:start + batch_size] for t in inputs))
-    return {name: InputMoments(sums[name] / counts[name], firsts[name] / counts[name]) for name in sums}
+    out = {}
+    for name in sums:
+        centered_mean = firsts[name] / counts[name]
+        covariance = sums[name] / counts[name] - torch.einsum("gk,gm->gkm", centered_mean, centered_mean)
+        out[name] = InputMoments(covariance, centered_mean + shifts[name].squeeze(1).double())
+    return out
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
@@ -101,6 +111,32 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor | None) -> torch.Ten
     groups = hessian.shape[0]
     d = delta.view(groups, -1, delta.shape[1])
     return torch.einsum("gck,gkm,gcm->gc", d, hessian, d).reshape(-1)
+
+
+def _feedback_factor(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of H^-1 (GPTQ's error-feedback weights), H damped until it factors.
+
+    A position whose input never varies (a dead channel, padding, a saturated ReLU6) has no
+    variance to feed an error into: it is rounded on its own (its mean shift goes to the bias).
+    Damping starts at DAMPING of the mean diagonal and grows tenfold while round-off leaves H
+    indefinite; a group that still does not factor is rounded to nearest (identity factor).
+    """
+    k = h.shape[0]
+    diagonal = torch.diagonal(h).clone()
+    dead = diagonal <= 1e-12 * diagonal.abs().max().clamp(min=1e-300)
+    h = h.clone()
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    eye = torch.eye(k, dtype=h.dtype)
+    level = torch.diagonal(h).mean()
+    for damping in (DAMPING, 0.1, 1.0, 10.0):
+        factor, info = torch.linalg.cholesky_ex(h + damping * level * eye)
+        if int(info) == 0:
+            inverse_factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info) == 0:
+                return inverse_factor
+    return eye
 
 
 def round_with_feedback(w: torch.Tensor, limit: int, hessian: torch.Tensor | None) -> torch.Tensor:
@@ -119,10 +155,7 @@ def round_with_feedback(w: torch.Tensor, limit: int, hessian: torch.Tensor | Non
         # of a trained 8-bit cifar_resnet8 against rounding in storage order)
         order = torch.argsort(torch.diagonal(h), descending=True)
         rows, h = rows[:, order].clone(), h[order][:, order].clone()
-        dead = torch.diagonal(h) <= 0  # a position no input reaches: any value does, round it alone
-        h[dead, dead] = 1.0
-        h += DAMPING * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
-        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        upper = _feedback_factor(h)
         for i in range(k):
             q = torch.round(rows[:, i]).clamp(-limit, limit)
             err = (rows[:, i] - q) / upper[i, i]

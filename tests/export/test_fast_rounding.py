@@ -131,3 +131,50 @@ def test_four_bit_model_without_new_grids_matches_the_frozen_model(tmp_path):
     assert stats.new_grids == 0
     assert (want.argmax(1) == got.argmax(1)).float().mean() >= 0.996
     assert ((got - want).abs().amax(1) / want.abs().amax(1)).median() < 1e-4
+
+
+def test_rounding_survives_inputs_that_never_vary():
+    # a depthwise 3x3 conv after ReLU6: positions that are always padding or always saturated have
+    # zero variance (round-off can make it slightly negative), two positions always move together
+    g = torch.Generator().manual_seed(2)
+    patches = torch.randn(500, 9, generator=g, dtype=torch.float64)
+    patches[:, 0] = 0.0  # padding
+    patches[:, 1] = 6.0  # saturated
+    patches[:, 2] = patches[:, 3]  # duplicated
+    cov = torch.cov(patches.T)[None]
+    cov[0, 1, 1] = -1e-18
+    w = torch.randn(16, 9, generator=g, dtype=torch.float64) * 15  # inside the limit: rounding, not clipping
+    fed = round_with_feedback(w, 64, cov)
+    assert torch.equal(fed, torch.round(fed)) and fed.abs().max() <= 64
+    assert torch.equal(fed[:, :2], torch.round(w[:, :2]).clamp(-64, 64))  # no variance: rounded on their own
+    centered = patches - patches.mean(0)  # independent: the output's variance on the patches themselves
+    assert ((centered @ (fed - w).T) ** 2).mean() < ((centered @ (torch.round(w).clamp(-64, 64) - w).T) ** 2).mean()
+
+
+def test_moments_of_saturated_inputs_give_a_rounding_that_factors():
+    # post-ReLU6 maps mostly at 6.0: E[x x^T] - mu mu^T from float32 products cancels to noise;
+    # the moments must still give a covariance the rounding can factor (depthwise, K = 9 per group)
+    g = torch.Generator().manual_seed(4)
+    x = torch.full((8, 6, 9, 9), 6.0)
+    x[:, :, ::4, ::4] -= torch.rand(8, 6, 3, 3, generator=g) * 0.3  # a few positions move a little
+    weight = _frozen_weight(6, 1, 3, seed=5)
+
+    class Depthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = FrozenActQuant(8, torch.tensor(6.0 / 255), torch.tensor(0))
+            self.weight = weight
+
+        def forward(self, x):
+            return F.conv2d(self.act(x), self.weight(), None, 1, 1, 1, 6)
+
+    gm = _trace(Depthwise())
+    conv = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.conv2d)
+    moments = input_moments(gm, [conv.name], (x,))[conv.name]
+    assert (torch.diagonal(moments.covariance, dim1=1, dim2=2) >= -1e-12).all()
+    fed = bn_folding.fold(weight, None, None, limit=64, moments=moments)
+    assert fed.values.abs().max() <= 64
+    xq = gm.act(x).double()  # independent: the bias correction holds on the data
+    w = fed.values.double() * fed.scale.double().view(-1, 1, 1, 1)
+    change = F.conv2d(xq, w, fed.bias, 1, 1, 1, 6) - F.conv2d(xq, weight().double(), None, 1, 1, 1, 6)
+    assert change.mean(dim=(0, 2, 3)).abs().max() < 1e-5
