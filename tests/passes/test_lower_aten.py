@@ -112,7 +112,7 @@ def test_bits_zero_equal_the_float_model_with_keyword_inputs_and_dict_output():
     qm.eval()
     out, ref = qm(**IDS), model(**IDS)
     assert isinstance(out, dict) and out.keys() == {"logits"}
-    torch.testing.assert_close(out["logits"], ref["logits"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out["logits"], ref["logits"])  # the decomposed attention hands back the fused SDPA at bits 0
     assert fracfx.cost_report(qm).macs > 0
 
 
