@@ -10,10 +10,10 @@
 # Variants (args_of in run_once.sh): static8, pfq (FW 3,4,6,8 / BW 6,6,8,8), fractrain (w 4,
 # candidates 3:6,4:6,4:8,6:8,6:12, set-point 1.5 + 0.5 per turning point, the paper's
 # controller), fractrain_raise (the same with --raise-gain GAIN, default 20); fractrain_gain
-# (--error-gain, which saturated on Fashion-MNIST) and fp32 are not in the default list.
-# Sizing: the 480-iteration runs of the README took 1.5-4 minutes each beside other work (0.2-0.5
-# s per iteration), so a 3000-iteration run takes 10-25 minutes and the 12 default runs about 1-2.5
-# hours two at a time.
+# (--error-gain GAIN) and fp32 are not in the default list: name them to add them, e.g.
+# `bash scripts/sweep_kjv.sh runs/kjv_sweep fractrain_gain` (the README's table has it).
+# Sizing, measured: 3000-iteration runs took 7-14 minutes each, two at a time, so the 12 default
+# runs take about 45-85 minutes.
 # Usage: bash scripts/sweep_kjv.sh [RUNS_DIR] [VARIANT ...]   (default runs/kjv_sweep)
 # Runs land in RUNS_DIR/VARIANT/seedN; starting the script again skips finished runs and resumes
 # killed ones; at the end `fracfx report RUNS_DIR` writes results.csv, summary.csv/.md, report.png.
