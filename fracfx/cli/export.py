@@ -97,48 +97,39 @@ def load_source(args, act_bits, weight_bits):
     return gm, example
 
 
-def write_file(args, gm, example, verify_inputs):
-    """fracfx.export_onnx, except that the fast formats (and "auto" where it picks int8-fast) get what
-    the CLI knows: a run's export is calibrated on the run's own training images (weight channels
-    re-quantized for the format's limit are rounded against them, fracfx.export.weight_rounding),
-    and the report says the verify inputs are seeded noise."""
-    from fracfx.errors import FormatError
-    from fracfx.export import export_onnx
-    from fracfx.export.fast_int8 import FAST_FORMATS, export_fast
-    from fracfx.export.fast_report import NOISE
+def run_calibration(args):
+    """A run's own training images for a fast-format export (fracfx.export.weight_rounding rounds the
+    re-quantized weight channels against them), or None: an exact format, a model name, or a run
+    whose dataset is not on this machine (said on stderr; the export is then data-free)."""
+    from fracfx.errors import FracfxError
+    from fracfx.export.fast_int8 import FAST_FORMATS
 
-    fast = "int8-fast" if args.format == "auto" else args.format
-    if fast in FAST_FORMATS:
-        calibration = None
-        if os.path.exists(args.source):
-            from fracfx.errors import FracfxError
-            from fracfx.export.accuracy import CALIBRATION_IMAGES, run_inputs
+    if args.format not in ("auto", *FAST_FORMATS) or not os.path.exists(args.source):
+        return None
+    from fracfx.export.accuracy import CALIBRATION_IMAGES, run_inputs
 
-            try:
-                calibration = run_inputs(args.source, CALIBRATION_IMAGES)
-            except FracfxError as error:  # the run's data is not on this machine: the data-free ranges still export
-                print(f"note: exporting without calibration on the run's training data ({error}); "
-                      "the new 8-bit grids take their ranges from BatchNorm, re-quantized weights are rounded to nearest", file=sys.stderr)
-        try:
-            return export_fast(gm, args.output, example, format=fast, calibration_inputs=calibration, verify=args.verify,
-                               verify_inputs=verify_inputs, verify_label=NOISE, latency=args.latency)
-        except FormatError:
-            if args.format != "auto":
-                raise  # auto: export_onnx below writes int8 and says why
-    return export_onnx(gm, args.output, example, format=args.format, opset=args.opset, arithmetic=args.arithmetic,
-                       verify=args.verify, verify_inputs=verify_inputs, latency=args.latency)
+    try:
+        return run_inputs(args.source, CALIBRATION_IMAGES)
+    except FracfxError as error:
+        print(f"note: exporting without calibration on the run's training data ({error}); "
+              "the new 8-bit grids take their ranges from BatchNorm, re-quantized weights are rounded to nearest", file=sys.stderr)
+        return None
 
 
 def run(args) -> int:
 
-    from fracfx.export import random_inputs
+    from fracfx.export import export_onnx, random_inputs
+    from fracfx.export.fast_report import NOISE
 
     act_bits, weight_bits = parse_bits(args)
     if args.test_accuracy and not os.path.exists(args.source):
         raise ExportError(f"--test-accuracy measures a trained run on its test set; {args.source!r} is a model name, pass a run folder or checkpoint.pt")
     gm, example = load_source(args, act_bits, weight_bits)
     verify_inputs = random_inputs(gm, example, max(1, args.verify_samples), seed=1) if args.verify else None
-    report = write_file(args, gm, example, verify_inputs)
+    report = export_onnx(
+        gm, args.output, example, format=args.format, opset=args.opset, arithmetic=args.arithmetic, verify=args.verify,
+        verify_inputs=verify_inputs, latency=args.latency, calibration_inputs=run_calibration(args), verify_label=NOISE,
+    )
     accuracy = None
     if args.test_accuracy:
         from fracfx.export.accuracy import run_accuracy

@@ -214,6 +214,8 @@ def export_onnx(
     verify_inputs=None,
     latency: bool = False,
     arithmetic: str = "integer",
+    calibration_inputs=None,
+    verify_label: str | None = None,
 ) -> ExportReport:
     """Write `gm` (frozen, or transformed: frozen implicitly at its current bits) as a QDQ ONNX file.
 
@@ -227,12 +229,15 @@ def export_onnx(
     QDQ form; "int8-fast" / "int8-fast-vnni" run on onnxruntime's integer kernels (fracfx.export.fast_int8);
     "auto" (the CLI's default) is int8-fast where that format can express every op, else int8
     (transformers: onnxruntime fuses its linears into MatMulIntegerToFloat), and report.note says why.
+    calibration_inputs and verify_label are the fast formats' (fast_int8.export_fast); the exact
+    formats ignore them.
     """
     if format == "auto":
         from fracfx.errors import FormatError
 
         try:
-            return export_onnx(gm, path, example_inputs, format="int8-fast", verify=verify, verify_inputs=verify_inputs, latency=latency)
+            return export_onnx(gm, path, example_inputs, format="int8-fast", verify=verify, verify_inputs=verify_inputs, latency=latency,
+                               calibration_inputs=calibration_inputs, verify_label=verify_label)
         except FormatError as error:  # an op the fast format has no form for (e.g. LayerNorm): the exact format writes it
             report = export_onnx(gm, path, example_inputs, format="int8", opset=opset, verify=verify, verify_inputs=verify_inputs,
                                  latency=latency, arithmetic=arithmetic)
@@ -240,7 +245,8 @@ def export_onnx(
     if format.startswith("int8-fast"):
         from fracfx.export.fast_int8 import export_fast
 
-        return export_fast(gm, path, example_inputs, format=format, verify=verify, verify_inputs=verify_inputs, latency=latency)
+        return export_fast(gm, path, example_inputs, format=format, calibration_inputs=calibration_inputs, verify=verify,
+                           verify_inputs=verify_inputs, verify_label=verify_label, latency=latency)
     from fracfx.export.flat_io import flat_inputs, positional
     from fracfx.export.onnx_model import export_float_model, export_onnx_model, resolve_opset
 
