@@ -67,6 +67,11 @@ def bn_factors(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return a, c
 
 
+def centered_codes(weight: FrozenWeight) -> torch.Tensor:
+    """The integer weights q - zp (int64), per output channel (axis 0)."""
+    return weight.codes.long() - weight.zero_point.long().view((-1,) + (1,) * (weight.codes.dim() - 1))
+
+
 def fold(weight: FrozenWeight, bias: torch.Tensor | None, bn: nn.Module | None, *, limit: int, moments: InputMoments | None = None) -> FoldedWeight:
     """The int8 weight, positive per-channel scale and real bias of conv (+ bn) (module docstring).
 
@@ -75,7 +80,7 @@ def fold(weight: FrozenWeight, bias: torch.Tensor | None, bn: nn.Module | None, 
     if weight.axis != 0:
         raise ValueError(f"weights quantized along axis {weight.axis}; the fast format needs per-output-channel (axis 0)")
     shape = (-1,) + (1,) * (weight.codes.dim() - 1)
-    v = (weight.codes.long() - weight.zero_point.long().view(shape))
+    v = centered_codes(weight)
     scale = weight.scale.double().clone()
     real_bias = torch.zeros(v.shape[0], dtype=torch.float64) if bias is None else bias.detach().double().clone()
     if bn is not None:

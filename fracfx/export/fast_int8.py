@@ -76,19 +76,12 @@ def measure_ranges(frozen: fx.GraphModule, names: list[str], inputs, *, batch_si
 def _requantized_layers(frozen: fx.GraphModule, vnni: bool) -> list[str]:
     """Quantized convs/linears with weight codes beyond the smallest limit the format may impose (bn_folding)."""
     from fracfx.export import bn_folding
-    from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
+    from fracfx.export.int8_plan import _module, _quantized_conv, _quantized_linear
 
     floor = bn_folding.headroom_limit(255, vnni=vnni)  # 8-bit activations: the tightest limit
-    modules = dict(frozen.named_modules())
-    found = []
-    for node in frozen.graph.nodes:
-        if node.op != "call_function" or len(node.args) < 2:
-            continue
-        act, weight = (modules.get(a.target) if isinstance(a, fx.Node) and a.op == "call_module" else None for a in node.args[:2])
-        if isinstance(act, FrozenActQuant) and isinstance(weight, FrozenWeight):
-            if int((weight.codes.long() - weight._broadcast(weight.zero_point).long()).abs().max()) > floor:
-                found.append(node.name)
-    return found
+    return [node.name for node in frozen.graph.nodes
+            if (_quantized_conv(frozen, node) or _quantized_linear(frozen, node))
+            and int(bn_folding.centered_codes(_module(frozen, node.args[1])).abs().max()) > floor]
 
 
 def build_reference(gm: fx.GraphModule, calibration_inputs=None, *, vnni: bool = False, example_inputs=None, float_branches: bool = False):

@@ -14,7 +14,7 @@ import torch
 from fracfx.export.int8_float import Float
 from fracfx.export.int8_ops import ClipCodes, ConvIntFloat, Dequantize, QConv, QLinearFloat, Quantize
 from fracfx.export.int8_plan import (
-    _ADD, _FLATTEN, _IDENTITY_MODULES, Codes, Val, _arg, _attr, _clamp_bounds, _module, _quantized_conv, conv_chain,
+    _ADD, _FLATTEN, _IDENTITY_MODULES, Codes, Val, _arg, _attr, _clamp_bounds, _module, _quantized_conv, _quantized_linear, conv_chain,
     quantize_value, target_grid, unsupported,
 )
 from fracfx.nn.frozen import FrozenActQuant, FrozenWeight
@@ -82,14 +82,14 @@ class Lowering:
     def lower(self, node: fx.Node) -> None:
         gm, m = self.gm, _module(self.gm, node)
         if isinstance(m, FrozenWeight):
-            if not all(_quantized_conv(gm, u) or self._quantized_linear(u) for u in node.users):
+            if not all(_quantized_conv(gm, u) or _quantized_linear(gm, u) for u in node.users):
                 raise unsupported(gm, next(iter(node.users)), "its weight is quantized but its input is not an activation quantizer's output")
             return
         if isinstance(m, FrozenActQuant):
             return self.act_quant(node, m)
         if _quantized_conv(gm, node):
             return self.qconv(node)
-        if self._quantized_linear(node):
+        if _quantized_linear(gm, node):
             return self.qlinear(node)
         clamp = _clamp_bounds(gm, node)
         if clamp is not None:
@@ -186,20 +186,15 @@ class Lowering:
         self.stats.folded_bn += bn is not None
         self.stats.requantized_channels += folded.requantized
 
-    def _quantized_linear(self, node) -> bool:
-        return (node.op == "call_function" and node.target is F.linear and isinstance(_module(self.gm, node.args[0]), FrozenActQuant)
-                and isinstance(_module(self.gm, node.args[1]), FrozenWeight))
-
     def qlinear(self, node) -> None:
         x = self._input_codes(node)
         weight = _module(self.gm, node.args[1])
         bias = _attr(self.gm, _arg(node, 2, "bias"))
         limit = bn_folding.headroom_limit(x.hi, vnni=self.vnni)
         folded = bn_folding.fold(weight, bias, None, limit=limit, moments=self.moments.get(node.name))
-        corrected = self.moments.get(node.name) is not None and folded.requantized  # fold moved the bias (bias correction)
         self.ops.append(QLinearFloat(
             self.env[node.args[0].name].name, node.name, x.scale, x.zp, folded.values, folded.scale,
-            folded.bias.float() if bias is not None or corrected else None,
+            folded.bias.float() if bias is not None or folded.bias.any() else None,  # fold's bias correction may give one
         ))
         self.put(node, node.name)
         self.stats.qlinear += 1

@@ -160,6 +160,11 @@ def _quantized_conv(gm, node) -> bool:
     return isinstance(_module(gm, node.args[0]), FrozenActQuant) and isinstance(_module(gm, node.args[1]), FrozenWeight)
 
 
+def _quantized_linear(gm, node) -> bool:
+    return (node.op == "call_function" and node.target is F.linear and isinstance(_module(gm, node.args[0]), FrozenActQuant)
+            and isinstance(_module(gm, node.args[1]), FrozenWeight))
+
+
 def _arg(node, index, name, default=None):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 

@@ -29,6 +29,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fracfx.export.int8_plan import _arg
+
 MAX_ROWS = 8192  # im2col rows per batch that enter H (a seeded subset beyond that: statistics, not every pixel)
 DAMPING = 0.01  # of H's mean diagonal, added to the diagonal: keeps the Cholesky factorisation stable
 
@@ -49,10 +51,6 @@ class InputMoments:
         """Per output channel, delta . E[x] (delta: [C_out, K]): how far the change moves the output's mean."""
         groups = self.mean.shape[0]
         return torch.einsum("gck,gk->gc", delta.double().view(groups, -1, delta.shape[1]), self.mean).reshape(-1)
-
-
-def _arg(node, index, name, default):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _patches(node: fx.Node, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
