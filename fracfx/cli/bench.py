@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     step.add_argument("--compile-quant", choices=("fuse", "formula", "ops"), default=None,  # fracfx.nn.quant.COMPILE_MODES
                       help="what torch.compile traces for the quantizers of the *-compiled runs (fracfx.nn.quant.compile_mode, "
                            "docs/kernels.md): fuse (default) tensor formulas + one fused op for stochastic rounding; formula: all "
-                           "tensor formulas, noise materialised; ops: the opaque fused C++ ops, as before issue 12")
+                           "tensor formulas, noise materialised; ops: the opaque fused C++ ops, as in eager mode")
     step.set_defaults(func=run_step)
     trans = sub.add_parser("transform", help="median wall time of fracfx.transform on a model")
     trans.add_argument("--arch", default="resnet50")

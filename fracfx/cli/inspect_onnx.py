@@ -16,16 +16,12 @@ import dataclasses
 import json
 
 
-def _format_of(path: str) -> str | None:
+def run_onnx(args) -> int:
     import onnx
 
-    model = onnx.load(path, load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}.get("fracfx.format")
+    from fracfx.export.fast_describe import is_fast_file
 
-
-def run_onnx(args) -> int:
-    fmt = _format_of(args.model)
-    if fmt is not None and fmt.startswith("int8-fast"):
+    if is_fast_file(onnx.load(args.model, load_external_data=False)):
         return _run_fast(args)
     return _run_qdq(args)
 

@@ -39,7 +39,7 @@ _fused: bool | None = None  # kernels.available(), read once (kept out of torch.
 #              noise generated inside, in whatever memory layout inductor chose), its range as an
 #              aminmax that inductor fuses into the kernel producing the gradient
 #   "formula"  everything as tensor formulas, the noise materialised by fracfx::rounding_noise
-#   "ops"      the fused C++ ops as opaque calls, as in eager mode (the only form before issue 12)
+#   "ops"      the fused C++ ops as opaque calls, as in eager mode (the first implementation's only form)
 # Every form computes the eager values bit for bit. Read at trace time (dynamo guards on it, so
 # changing it recompiles).
 COMPILE_MODES = ("fuse", "formula", "ops")
